@@ -1,0 +1,95 @@
+//! The admin listener, off the data path: liveness, readiness and the state
+//! of the loaded configuration, for probes and operators.
+//!
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once the config is loaded and every upstream has a
+//!   healthy target; otherwise 503 naming the upstreams that have none.
+//! - `GET /config`: which file is loaded and how the last reload went.
+
+use crate::snapshot::ConfigStore;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Serves the admin endpoints.
+pub struct AdminApp {
+    store: Arc<ConfigStore>,
+}
+
+impl AdminApp {
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        AdminApp { store }
+    }
+
+    fn readiness(&self) -> (StatusCode, Value) {
+        let snapshot = self.store.current();
+        let unready: Vec<&str> = snapshot
+            .clusters
+            .iter()
+            .filter(|c| !c.has_ready_target())
+            .map(|c| c.name.as_str())
+            .collect();
+        if unready.is_empty() {
+            (StatusCode::OK, json!({ "status": "ready" }))
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "not_ready", "upstreams_without_healthy_target": unready }),
+            )
+        }
+    }
+
+    fn config_status(&self) -> Value {
+        let status = self.store.status();
+        json!({
+            "file": self.store.path().display().to_string(),
+            "generation": status.generation,
+            "reload_attempts": status.reload_attempts,
+            "last_reload_error": status.last_reload_error,
+        })
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
+    let body = body.to_string().into_bytes();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({ "error": { "status": 405, "code": "method_not_allowed", "message": "admin endpoints accept GET" } }),
+            );
+        }
+        match req.uri.path() {
+            "/healthz" => json_response(StatusCode::OK, &json!({ "status": "ok" })),
+            "/readyz" => {
+                let (status, body) = self.readiness();
+                json_response(status, &body)
+            }
+            "/config" => json_response(StatusCode::OK, &self.config_status()),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /config" } }),
+            ),
+        }
+    }
+}

@@ -1,0 +1,698 @@
+//! Validation and compilation: [`FileConfig`] to [`Snapshot`].
+//!
+//! All checking happens here, once per load, so the request path can trust
+//! what it is given. Errors are collected, never returned at the first one.
+
+use super::file::{Balance, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
+use super::values::{parse_duration, parse_listen_address, resolve_target};
+use super::{ConfigError, ConfigErrors};
+use crate::router::{
+    expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
+};
+use crate::snapshot::Snapshot;
+use crate::upstream::health::{HealthPool, HealthProbe, HealthSettings, TICK};
+use crate::upstream::{Cluster, HashKey, Timeouts};
+use http::{HeaderName, HeaderValue, Method};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Weights expand into a selection table, so they are kept small.
+const MAX_WEIGHT: u32 = 1000;
+/// Pingora's weighted selection indexes targets with a u16.
+const MAX_TARGETS: usize = 10_000;
+/// Each retry is another connect; more than this only lengthens an outage.
+const MAX_RETRIES: u32 = 10;
+
+/// Headers that frame the message; editing them would desynchronize the
+/// client, the gateway and the upstream about where a message ends.
+const FRAMING_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Health probes the compiled snapshot uses, by upstream name.
+pub type Probes = HashMap<String, Arc<HealthProbe>>;
+
+/// Collects errors under key paths.
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn add(&mut self, location: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(location, message));
+    }
+}
+
+/// Validates everything and builds the snapshot. `previous` is the running
+/// snapshot, whose unchanged upstreams (and their health and load state) are
+/// reused. `parse_errors` come first in the report; with any of them the
+/// result is an error, but the rest of the file is still checked.
+pub fn compile(
+    file: FileConfig,
+    parse_errors: Vec<ConfigError>,
+    previous: Option<&Snapshot>,
+    health: &HealthPool,
+) -> Result<(Snapshot, Probes), ConfigErrors> {
+    let mut errors = Errors(parse_errors);
+
+    let listen = compile_listen(&file, &mut errors);
+    let admin = file
+        .admin
+        .as_deref()
+        .and_then(|a| match parse_listen_address(a) {
+            Ok(addr) if listen.contains(&addr) => {
+                errors.add("admin", format!("{addr} is also a data listener"));
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                errors.add("admin", e);
+                None
+            }
+        });
+    if file.server.threads == Some(0) {
+        errors.add("server.threads", "must be at least 1");
+    }
+
+    let mut clusters = Vec::new();
+    let mut probes = Probes::new();
+    for (name, spec) in &file.upstreams {
+        let prev = previous.and_then(|p| p.cluster(name));
+        if let Some(cluster) = compile_upstream(name, spec, prev, health, &mut errors) {
+            if let Some(probe) = &cluster.health {
+                probes.insert(name.clone(), Arc::clone(probe));
+            }
+            clusters.push(cluster);
+        }
+    }
+    let upstream_positions: BTreeMap<&str, usize> = file
+        .upstreams
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+
+    let mut routes = Vec::new();
+    let mut index = RouteIndexBuilder::default();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, spec) in file.routes.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        if spec.name.is_empty() {
+            errors.add(format!("{at}.name"), "must not be empty");
+        } else if let Some(first) = names.insert(spec.name.as_str(), i) {
+            errors.add(
+                format!("{at}.name"),
+                format!(
+                    "duplicate route name {:?} (also routes[{first}])",
+                    spec.name
+                ),
+            );
+        }
+        let Some(keys) = compile_route_keys(&at, spec, &mut errors) else {
+            continue;
+        };
+        let upstream = match upstream_positions.get(spec.upstream.as_str()) {
+            Some(&pos) => pos,
+            None => {
+                if !file.unparsed_upstreams.contains(&spec.upstream) {
+                    errors.add(
+                        format!("{at}.upstream"),
+                        format!("no upstream named {:?}", spec.upstream),
+                    );
+                }
+                continue;
+            }
+        };
+        let route_number = routes.len();
+        let mut conflict = None;
+        for host in &keys.hosts {
+            if let Err(c) = index.insert(host, &keys.path, keys.methods.as_deref(), route_number) {
+                conflict = Some(c.existing);
+                break;
+            }
+        }
+        if let Some(existing) = conflict {
+            let other: &Route = &routes[existing];
+            errors.add(
+                &at,
+                format!(
+                    "takes the same host, path and method as route {:?}; one of them would never be used",
+                    other.name
+                ),
+            );
+            continue;
+        }
+        let request_headers = compile_header_ops(
+            &format!("{at}.request_headers"),
+            &spec.request_headers,
+            &mut errors,
+        );
+        let response_headers = compile_header_ops(
+            &format!("{at}.response_headers"),
+            &spec.response_headers,
+            &mut errors,
+        );
+        routes.push(Route {
+            name: spec.name.clone(),
+            upstream,
+            strip_prefix: match (&keys.path, spec.strip_prefix) {
+                (PathPattern::Prefix(p), true) => Some(p.len()),
+                _ => None,
+            },
+            request_headers,
+            response_headers,
+        });
+    }
+
+    if !errors.0.is_empty() {
+        return Err(ConfigErrors(errors.0));
+    }
+    let snapshot = Snapshot {
+        index: index.build(),
+        routes,
+        clusters,
+        listen,
+        admin,
+        server: file.server,
+    };
+    Ok((snapshot, probes))
+}
+
+fn compile_listen(file: &FileConfig, errors: &mut Errors) -> Vec<SocketAddr> {
+    if file.listen.is_empty() {
+        errors.add("listen", "at least one listen address is required");
+    }
+    let mut listen = Vec::new();
+    for (i, text) in file.listen.iter().enumerate() {
+        match parse_listen_address(text) {
+            Ok(addr) if listen.contains(&addr) => {
+                errors.add(format!("listen[{i}]"), format!("duplicate address {addr}"))
+            }
+            Ok(addr) => listen.push(addr),
+            Err(e) => errors.add(format!("listen[{i}]"), e),
+        }
+    }
+    listen
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn duration_at(errors: &mut Errors, at: String, text: &DurationText) -> Option<Duration> {
+    match parse_duration(&text.0) {
+        Ok(d) if d.is_zero() => {
+            errors.add(at, "must be greater than zero");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errors.add(at, e);
+            None
+        }
+    }
+}
+
+fn compile_upstream(
+    name: &str,
+    spec: &UpstreamSpec,
+    previous: Option<&Arc<Cluster>>,
+    health: &HealthPool,
+    errors: &mut Errors,
+) -> Option<Arc<Cluster>> {
+    let at = format!("upstreams.{name}");
+    let before = errors.0.len();
+    if !valid_name(name) {
+        errors.add(
+            &at,
+            "upstream names use only letters, digits, '-', '_' and '.'",
+        );
+    }
+
+    if spec.targets.is_empty() {
+        errors.add(format!("{at}.targets"), "at least one target is required");
+    }
+    let mut targets: Vec<(SocketAddr, u32)> = Vec::new();
+    for (i, target) in spec.targets.iter().enumerate() {
+        let t_at = format!("{at}.targets[{i}]");
+        let weight = target.weight();
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            errors.add(
+                format!("{t_at}.weight"),
+                format!("must be between 1 and {MAX_WEIGHT}"),
+            );
+        }
+        match resolve_target(target.address()) {
+            Ok(addrs) => {
+                for addr in addrs {
+                    if targets.iter().any(|(a, _)| *a == addr) {
+                        errors.add(&t_at, format!("duplicate target {addr}"));
+                    } else {
+                        targets.push((addr, weight));
+                    }
+                }
+            }
+            Err(e) => errors.add(&t_at, e),
+        }
+    }
+    if targets.len() > MAX_TARGETS {
+        errors.add(
+            format!("{at}.targets"),
+            format!("at most {MAX_TARGETS} targets"),
+        );
+    }
+
+    let hash_key = match (&spec.hash_key, spec.balance) {
+        (None, _) => HashKey::ClientIp,
+        (Some(key), Balance::ConsistentHash) => match key.as_str() {
+            "client_ip" => HashKey::ClientIp,
+            "path" => HashKey::Path,
+            other => match other
+                .strip_prefix("header:")
+                .map(|h| HeaderName::from_bytes(h.as_bytes()))
+            {
+                Some(Ok(h)) => HashKey::Header(h),
+                Some(Err(_)) => {
+                    errors.add(
+                        format!("{at}.hash_key"),
+                        format!("{other:?} does not name a valid header"),
+                    );
+                    HashKey::ClientIp
+                }
+                None => {
+                    errors.add(
+                        format!("{at}.hash_key"),
+                        format!("{other:?} is not one of client_ip, path, header:<name>"),
+                    );
+                    HashKey::ClientIp
+                }
+            },
+        },
+        (Some(_), _) => {
+            errors.add(
+                format!("{at}.hash_key"),
+                "only applies to balance: consistent_hash",
+            );
+            HashKey::ClientIp
+        }
+    };
+
+    let t = &spec.timeouts;
+    let connect = duration_at(errors, format!("{at}.timeouts.connect"), &t.connect);
+    let read = duration_at(errors, format!("{at}.timeouts.read"), &t.read);
+    let write = duration_at(errors, format!("{at}.timeouts.write"), &t.write);
+    let idle = duration_at(errors, format!("{at}.timeouts.idle"), &t.idle);
+
+    if spec.retries > MAX_RETRIES {
+        errors.add(format!("{at}.retries"), format!("at most {MAX_RETRIES}"));
+    }
+
+    let mut settings = None;
+    if let Some(hc) = &spec.health_check {
+        let h_at = format!("{at}.health_check");
+        let interval = duration_at(errors, format!("{h_at}.interval"), &hc.interval);
+        if interval.is_some_and(|i| i < TICK) {
+            errors.add(
+                format!("{h_at}.interval"),
+                format!("must be at least {}ms", TICK.as_millis()),
+            );
+        }
+        if hc.healthy_after == 0 {
+            errors.add(format!("{h_at}.healthy_after"), "must be at least 1");
+        }
+        if hc.unhealthy_after == 0 {
+            errors.add(format!("{h_at}.unhealthy_after"), "must be at least 1");
+        }
+        if let Some(path) = &hc.http_path {
+            if normalize_path(path).is_err() {
+                errors.add(
+                    format!("{h_at}.http_path"),
+                    format!("{path:?} is not an absolute, clean path"),
+                );
+            }
+        }
+        if let (Some(interval), Some(connect)) = (interval, connect) {
+            settings = Some(HealthSettings::from_spec(hc, interval, connect));
+        }
+    }
+
+    if errors.0.len() > before {
+        return None;
+    }
+    let (Some(connect), Some(read), Some(write), Some(idle)) = (connect, read, write, idle) else {
+        return None;
+    };
+    let timeouts = Timeouts {
+        connect,
+        read,
+        write,
+        idle,
+    };
+    let probe = match settings.map(|s| health.probe(name, s)) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            errors.add(format!("{at}.health_check"), e);
+            return None;
+        }
+        None => None,
+    };
+
+    // An upstream that did not change keeps its cluster object, and with it
+    // its round-robin position, load counters and health state.
+    if let Some(prev) = previous {
+        let same_targets = prev.targets.len() == targets.len()
+            && prev
+                .targets
+                .iter()
+                .zip(&targets)
+                .all(|(p, (a, w))| p.addr == *a && p.weight == *w);
+        let same_probe = match (&prev.health, &probe) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same_targets
+            && same_probe
+            && prev.balance == spec.balance
+            && prev.hash_key == hash_key
+            && prev.timeouts == timeouts
+            && prev.retries == spec.retries
+        {
+            return Some(Arc::clone(prev));
+        }
+    }
+    Some(Arc::new(Cluster::new(
+        name.to_owned(),
+        spec.balance,
+        targets,
+        hash_key,
+        timeouts,
+        spec.retries,
+        probe,
+        previous.map(|p| p.as_ref()),
+    )))
+}
+
+/// The index keys of one route: its host patterns, path pattern and methods.
+struct RouteKeys {
+    hosts: Vec<HostPattern>,
+    path: PathPattern,
+    methods: Option<Vec<Method>>,
+}
+
+fn compile_route_keys(at: &str, spec: &RouteSpec, errors: &mut Errors) -> Option<RouteKeys> {
+    let before = errors.0.len();
+    let path = match (&spec.path, &spec.path_prefix) {
+        (Some(p), None) => compile_path(&format!("{at}.path"), p, errors).map(PathPattern::Exact),
+        (None, Some(p)) => compile_path(&format!("{at}.path_prefix"), p, errors).map(|p| {
+            let trimmed = p.trim_end_matches('/');
+            PathPattern::Prefix(if trimmed.is_empty() {
+                "/".to_owned()
+            } else {
+                trimmed.to_owned()
+            })
+        }),
+        (Some(_), Some(_)) => {
+            errors.add(at, "set either path or path_prefix, not both");
+            None
+        }
+        (None, None) => {
+            errors.add(at, "one of path or path_prefix is required");
+            None
+        }
+    };
+    if spec.strip_prefix && spec.path_prefix.is_none() {
+        errors.add(
+            format!("{at}.strip_prefix"),
+            "only applies to a path_prefix route",
+        );
+    }
+
+    let hosts = match &spec.hosts {
+        None => vec![HostPattern::Any],
+        Some(list) if list.is_empty() => {
+            errors.add(
+                format!("{at}.hosts"),
+                "must not be empty; leave it out to accept any host",
+            );
+            Vec::new()
+        }
+        Some(list) => {
+            let mut hosts = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                match compile_host(h) {
+                    Ok(p) if hosts.contains(&p) => {
+                        errors.add(format!("{at}.hosts[{i}]"), format!("duplicate host {h:?}"))
+                    }
+                    Ok(p) => hosts.push(p),
+                    Err(e) => errors.add(format!("{at}.hosts[{i}]"), e),
+                }
+            }
+            hosts
+        }
+    };
+
+    let methods = match &spec.methods {
+        None => None,
+        Some(list) if list.is_empty() => {
+            errors.add(
+                format!("{at}.methods"),
+                "must not be empty; leave it out to accept any method",
+            );
+            None
+        }
+        Some(list) => {
+            let mut methods = Vec::new();
+            for (i, m) in list.iter().enumerate() {
+                let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+                match Method::from_bytes(m.as_bytes()) {
+                    Ok(method) if valid => {
+                        if !methods.contains(&method) {
+                            methods.push(method);
+                        }
+                    }
+                    _ => errors.add(
+                        format!("{at}.methods[{i}]"),
+                        format!("{m:?} is not a method; methods are upper-case, like GET"),
+                    ),
+                }
+            }
+            Some(expand_methods(methods))
+        }
+    };
+
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(RouteKeys {
+        hosts,
+        path: path?,
+        methods,
+    })
+}
+
+/// Config paths must already be in normal form: a route written for a path
+/// no request can normalize to would silently never match.
+fn compile_path(at: &str, path: &str, errors: &mut Errors) -> Option<String> {
+    match normalize_path(path) {
+        Ok(normal) if normal == path => Some(path.to_owned()),
+        Ok(normal) => {
+            errors.add(
+                at,
+                format!("{path:?} is not in normal form; write it as {normal:?}"),
+            );
+            None
+        }
+        Err(e) => {
+            errors.add(at, format!("{path:?}: {e}"));
+            None
+        }
+    }
+}
+
+fn compile_host(host: &str) -> Result<HostPattern, String> {
+    let lower = host.to_ascii_lowercase();
+    let (wildcard, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid_label = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let is_ip_literal = !wildcard
+        && (name.parse::<std::net::Ipv4Addr>().is_ok()
+            || (name.starts_with('[')
+                && name.ends_with(']')
+                && name[1..name.len() - 1]
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok()));
+    if !is_ip_literal && (name.is_empty() || !name.split('.').all(valid_label)) {
+        return Err(format!(
+            "{host:?} is not a host name; use a name like api.example.com or a wildcard like *.example.org (no port)"
+        ));
+    }
+    Ok(if wildcard {
+        HostPattern::Wildcard(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_owned())
+    })
+}
+
+fn compile_header_ops(at: &str, spec: &HeaderOpsSpec, errors: &mut Errors) -> HeaderOps {
+    let mut ops = HeaderOps::default();
+    let name_at = |errors: &mut Errors, key: &str, name: &str| -> Option<HeaderName> {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) if FRAMING_HEADERS.contains(&h.as_str()) => {
+                errors.add(
+                    format!("{at}.{key}"),
+                    format!("{name:?} frames the message and cannot be edited"),
+                );
+                None
+            }
+            Ok(h) => Some(h),
+            Err(_) => {
+                errors.add(
+                    format!("{at}.{key}"),
+                    format!("{name:?} is not a valid header name"),
+                );
+                None
+            }
+        }
+    };
+    for name in &spec.remove {
+        if let Some(h) = name_at(errors, "remove", name) {
+            ops.remove.push(h);
+        }
+    }
+    for (key, map, out) in [
+        ("set", &spec.set, &mut ops.set),
+        ("add", &spec.add, &mut ops.add),
+    ] {
+        for (name, value) in map {
+            let Some(h) = name_at(errors, key, name) else {
+                continue;
+            };
+            match HeaderValue::from_str(value) {
+                Ok(v) => out.push((h, v)),
+                Err(_) => errors.add(
+                    format!("{at}.{key}.{name}"),
+                    format!("{value:?} is not a valid header value"),
+                ),
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    for (h, _) in &ops.set {
+        if !seen.insert(h.clone()) {
+            errors.add(format!("{at}.set"), format!("header {h} is set twice"));
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_partial;
+
+    fn compile_text(text: &str) -> Result<Snapshot, Vec<String>> {
+        let (file, parse_errors) = parse_partial(text)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        compile(file, parse_errors, None, &HealthPool::default())
+            .map(|(s, _)| s)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    }
+
+    const BASE: &str =
+        "listen: [\"127.0.0.1:1\"]\nupstreams:\n  users: { targets: [\"127.0.0.1:2\"] }\n";
+
+    #[test]
+    fn a_route_naming_a_missing_upstream_is_reported_with_its_path() {
+        let text = format!(
+            "{BASE}routes:\n  - {{ name: a, path: /a, upstream: users }}\n  - {{ name: b, path: /b, upstream: users }}\n  - {{ name: c, path: /c, upstream: userz }}\n"
+        );
+        assert_eq!(
+            compile_text(&text).unwrap_err(),
+            vec![r#"routes[2].upstream: no upstream named "userz""#]
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_not_just_the_first() {
+        let text = r#"
+listen: ["nonsense", "127.0.0.1:1"]
+upstreams:
+  a: { targets: [], timeouts: { connect: 5s0 } }
+  c: { targets: ["127.0.0.1:3"], timeouts: { read: 5 } }
+  b: { targets: ["127.0.0.1:2", "127.0.0.1:2"], hash_key: path }
+routes:
+  - { name: r, path_prefix: /x/../y, upstream: a }
+  - { name: r, path: /z, upstream: b, methods: [get] }
+  - { name: s, path: /z, upstream: b }
+  - { name: t, path: /z, upstream: b, hosts: ["bad host"] }
+"#;
+        let errors = compile_text(text).unwrap_err();
+        let expect = [
+            "listen[0]:",
+            "upstreams.a.targets: at least one target",
+            "upstreams.a.timeouts.connect:",
+            "upstreams.c.timeouts.read: 5 has no unit",
+            "upstreams.b.targets[1]: duplicate target",
+            "upstreams.b.hash_key: only applies",
+            "routes[0].path_prefix: \"/x/../y\" is not in normal form",
+            "routes[1].name: duplicate route name",
+            "routes[1].methods[0]:",
+            "routes[3].hosts[0]:",
+        ];
+        for e in expect {
+            assert!(
+                errors.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_routes_with_the_same_key_conflict() {
+        let text = format!(
+            "{BASE}routes:\n  - {{ name: a, path_prefix: /a/, upstream: users }}\n  - {{ name: b, path_prefix: /a, upstream: users }}\n"
+        );
+        let errors = compile_text(&text).unwrap_err();
+        assert!(
+            errors[0].starts_with("routes[1]: takes the same host"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn framing_headers_cannot_be_edited() {
+        let text = format!(
+            "{BASE}routes:\n  - {{ name: a, path: /a, upstream: users, request_headers: {{ set: {{ Content-Length: \"1\" }} }} }}\n"
+        );
+        let errors = compile_text(&text).unwrap_err();
+        assert!(
+            errors[0].starts_with("routes[0].request_headers.set:"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_valid_file_compiles() {
+        let text = format!(
+            "{BASE}admin: 127.0.0.1:3\nroutes:\n  - {{ name: a, path_prefix: /api/, upstream: users, strip_prefix: true, hosts: [\"*.Example.org\", api.example.com], methods: [GET] }}\n"
+        );
+        let snapshot = compile_text(&text).unwrap();
+        assert_eq!(snapshot.routes[0].strip_prefix, Some(4));
+        assert_eq!(snapshot.clusters.len(), 1);
+    }
+}

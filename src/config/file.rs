@@ -1,0 +1,237 @@
+//! The YAML file format: the user-facing contract.
+//!
+//! These structs mirror `docs/configuration.md` key by key. Every struct denies
+//! unknown fields so a typo is an error, never a silently ignored key. Nothing
+//! here is used on the request path: [`super::compile`] turns a [`FileConfig`]
+//! into a [`crate::snapshot::Snapshot`].
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The whole file. Sections are deserialized one by one (see [`super::parse`])
+/// so that one bad route does not hide the errors of the next.
+#[derive(Debug, Default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub listen: Vec<String>,
+    pub admin: Option<String>,
+    /// Ordered by name so errors and `/readyz` come out in a stable order.
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
+    pub routes: Vec<RouteSpec>,
+    /// Upstreams present in the file that failed to parse; validation does
+    /// not also report routes naming them as naming a missing upstream.
+    pub unparsed_upstreams: std::collections::BTreeSet<String>,
+}
+
+/// The subset of Pingora's `ServerConf` an operator may set. Listed explicitly
+/// (rather than embedding `ServerConf`) so unknown keys are rejected here too.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub threads: Option<usize>,
+    pub pid_file: Option<String>,
+    pub upgrade_sock: Option<String>,
+    pub error_log: Option<String>,
+    pub daemon: Option<bool>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub work_stealing: Option<bool>,
+    pub listener_tasks_per_fd: Option<usize>,
+    pub upstream_keepalive_pool_size: Option<usize>,
+    pub grace_period_seconds: Option<u64>,
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
+}
+
+/// One upstream: a named set of targets and how to spread load over them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub targets: Vec<TargetSpec>,
+    #[serde(default)]
+    pub balance: Balance,
+    pub hash_key: Option<String>,
+    pub health_check: Option<HealthCheckSpec>,
+    #[serde(default)]
+    pub timeouts: TimeoutsSpec,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+/// A target is written either as `host:port` or as `{ address, weight }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a target: \"host:port\" or { address: host:port, weight: N }"
+)]
+pub enum TargetSpec {
+    Address(String),
+    Weighted(WeightedTarget),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedTarget {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl TargetSpec {
+    pub fn address(&self) -> &str {
+        match self {
+            TargetSpec::Address(a) => a,
+            TargetSpec::Weighted(w) => &w.address,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            TargetSpec::Address(_) => 1,
+            TargetSpec::Weighted(w) => w.weight,
+        }
+    }
+}
+
+/// How a target is chosen for each request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    ConsistentHash,
+    LeastConn,
+}
+
+/// Active health checking. Without `http_path` the check is a TCP connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    pub http_path: Option<String>,
+    #[serde(default = "default_interval")]
+    pub interval: DurationText,
+    #[serde(default = "default_threshold")]
+    pub healthy_after: u32,
+    #[serde(default = "default_threshold")]
+    pub unhealthy_after: u32,
+}
+
+fn default_interval() -> DurationText {
+    "2s".into()
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+
+/// A duration as written in the file (`500ms`, `2s`); parsed when compiled.
+/// A bare number is refused here with a hint, as YAML reads it as an integer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DurationText(pub String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration with a unit, like 500ms, 2s, 1m or 1h")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationText, E> {
+                Err(E::custom(format!(
+                    "{v} has no unit; write it like {v}s or {v}ms"
+                )))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationText, E> {
+                Err(E::custom(format!(
+                    "{v} is not a duration; write it like 500ms or 2s"
+                )))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl From<&str> for DurationText {
+    fn from(s: &str) -> Self {
+        DurationText(s.to_owned())
+    }
+}
+
+/// Per-upstream timeouts, each a duration string such as `500ms` or `10s`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    #[serde(default = "default_connect")]
+    pub connect: DurationText,
+    #[serde(default = "default_read_write")]
+    pub read: DurationText,
+    #[serde(default = "default_read_write")]
+    pub write: DurationText,
+    #[serde(default = "default_idle")]
+    pub idle: DurationText,
+}
+
+fn default_connect() -> DurationText {
+    "1s".into()
+}
+
+fn default_read_write() -> DurationText {
+    "10s".into()
+}
+
+fn default_idle() -> DurationText {
+    "60s".into()
+}
+
+impl Default for TimeoutsSpec {
+    fn default() -> Self {
+        TimeoutsSpec {
+            connect: default_connect(),
+            read: default_read_write(),
+            write: default_read_write(),
+            idle: default_idle(),
+        }
+    }
+}
+
+/// One route: which requests it takes and where they go.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    pub hosts: Option<Vec<String>>,
+    pub path_prefix: Option<String>,
+    pub path: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub upstream: String,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default)]
+    pub request_headers: HeaderOpsSpec,
+    #[serde(default)]
+    pub response_headers: HeaderOpsSpec,
+}
+
+/// Header edits, applied in the order remove, set, add.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsSpec {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}

@@ -1,0 +1,101 @@
+//! Responses the gateway makes itself. All are JSON of one shape:
+//! `{"error":{"status":502,"code":"upstream_unavailable","message":"...","request_id":"..."}}`
+//! so clients and dashboards parse one format whatever went wrong.
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+
+/// Why the gateway answered instead of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayError {
+    BadRequest(&'static str),
+    NoRoute,
+    MethodNotAllowed,
+    NoHealthyTarget,
+    ConnectFailed,
+    UpstreamError,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(self) -> u16 {
+        match self {
+            GatewayError::BadRequest(_) => 400,
+            GatewayError::NoRoute => 404,
+            GatewayError::MethodNotAllowed => 405,
+            GatewayError::NoHealthyTarget
+            | GatewayError::ConnectFailed
+            | GatewayError::UpstreamError => 502,
+            GatewayError::UpstreamTimeout => 504,
+            GatewayError::Internal => 500,
+        }
+    }
+
+    /// The stable, machine-readable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::NoRoute => "no_route",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::NoHealthyTarget | GatewayError::ConnectFailed => "upstream_unavailable",
+            GatewayError::UpstreamError => "upstream_error",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::Internal => "internal_error",
+        }
+    }
+
+    /// The human-readable explanation.
+    pub fn message(self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(why) => why,
+            GatewayError::NoRoute => "no route matches this request",
+            GatewayError::MethodNotAllowed => "the route does not accept this method",
+            GatewayError::NoHealthyTarget => "the upstream has no healthy target",
+            GatewayError::ConnectFailed => "could not connect to the upstream",
+            GatewayError::UpstreamError => "the upstream failed while answering",
+            GatewayError::UpstreamTimeout => "the upstream did not answer in time",
+            GatewayError::Internal => "the gateway failed to handle the request",
+        }
+    }
+
+    /// The JSON body for this error.
+    pub fn body(self, request_id: &str) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "status": self.status(),
+                "code": self.code(),
+                "message": self.message(),
+                "request_id": request_id,
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// The response header for a body of `len` bytes.
+    pub fn header(self, len: usize) -> ResponseHeader {
+        // The status is one of ours, never from input; header inserts with
+        // static names and numeric values cannot fail.
+        let mut resp =
+            ResponseHeader::build(self.status(), Some(4)).expect("gateway status codes are valid");
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = resp.insert_header(http::header::CONTENT_LENGTH, len);
+        let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-store");
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_documented_shape() {
+        let body = GatewayError::NoHealthyTarget.body("abc\"1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["status"], 502);
+        assert_eq!(v["error"]["code"], "upstream_unavailable");
+        assert_eq!(v["error"]["request_id"], "abc\"1");
+        assert!(v["error"]["message"].is_string());
+    }
+}

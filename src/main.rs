@@ -1,0 +1,124 @@
+//! The `tollgate` binary: command line and server bootstrap only.
+//!
+//! `tollgate -c FILE` runs; `-t` validates FILE and exits; `-d` (daemon) and
+//! `-u` (take over the listeners of a running instance) keep their Pingora
+//! meaning.
+
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tollgate::admin::AdminApp;
+use tollgate::config::file::ServerSection;
+use tollgate::proxy::Gateway;
+use tollgate::reload::ReloadService;
+use tollgate::snapshot::ConfigStore;
+use tollgate::upstream::health::HealthService;
+
+const DEFAULT_CONFIG: &str = "/etc/tollgate/tollgate.yaml";
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let mut opt = Opt::parse_args();
+    // `-c` names tollgate's file; Pingora must not read it as its own.
+    let path = PathBuf::from(opt.conf.take().unwrap_or_else(|| DEFAULT_CONFIG.to_owned()));
+
+    let store = match ConfigStore::open(&path) {
+        Ok(store) => store,
+        Err(errors) => {
+            eprintln!("tollgate: configuration errors in {}:", path.display());
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if opt.test {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let snapshot = store.current();
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&snapshot.server));
+    server.bootstrap();
+    let store = Arc::new(store);
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(Arc::clone(&store)),
+        "tollgate",
+    );
+    for addr in &snapshot.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(admin) = snapshot.admin {
+        let mut service = Service::new(
+            "tollgate admin".to_owned(),
+            AdminApp::new(Arc::clone(&store)),
+        );
+        service.add_tcp(&admin.to_string());
+        server.add_service(service);
+    }
+    server.add_service(background_service(
+        "health checks",
+        HealthService::new(Arc::clone(&store)),
+    ));
+    server.add_service(background_service(
+        "config reload",
+        ReloadService::new(Arc::clone(&store)),
+    ));
+
+    log::info!(
+        "tollgate serving {} with config {}",
+        listen_list(&snapshot.listen),
+        path.display()
+    );
+    drop(snapshot);
+    server.run_forever();
+}
+
+fn listen_list(addrs: &[std::net::SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pingora's server settings from the `server:` section, with tollgate's
+/// defaults where the file is silent.
+fn server_conf(s: &ServerSection) -> ServerConf {
+    let defaults = ServerConf::default();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    ServerConf {
+        threads: s.threads.unwrap_or(cores),
+        pid_file: s
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| "/tmp/tollgate.pid".to_owned()),
+        upgrade_sock: s
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| "/tmp/tollgate_upgrade.sock".to_owned()),
+        error_log: s.error_log.clone(),
+        daemon: s.daemon.unwrap_or(false),
+        user: s.user.clone(),
+        group: s.group.clone(),
+        work_stealing: s.work_stealing.unwrap_or(defaults.work_stealing),
+        listener_tasks_per_fd: s
+            .listener_tasks_per_fd
+            .unwrap_or(defaults.listener_tasks_per_fd),
+        upstream_keepalive_pool_size: s
+            .upstream_keepalive_pool_size
+            .unwrap_or(defaults.upstream_keepalive_pool_size),
+        grace_period_seconds: s.grace_period_seconds.or(defaults.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: s
+            .graceful_shutdown_timeout_seconds
+            .or(defaults.graceful_shutdown_timeout_seconds),
+        ..defaults
+    }
+}

@@ -1,0 +1,459 @@
+//! The `ProxyHttp` implementation: one short method per Pingora phase, each a
+//! sequence of named steps. Read top to bottom, it is the request's path
+//! through the gateway.
+
+use crate::error::GatewayError;
+use crate::observe::request_id;
+use crate::router::{normalize_path, routing_host, Lookup, Route};
+use crate::snapshot::{ConfigStore, Snapshot};
+use crate::upstream::{Cluster, HashKey, InFlight};
+use async_trait::async_trait;
+use http::header::{ALLOW, HOST};
+use http::{HeaderName, HeaderValue};
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The gateway: a handle on the running configuration.
+pub struct Gateway {
+    store: Arc<ConfigStore>,
+}
+
+impl Gateway {
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        Gateway { store }
+    }
+}
+
+/// Per-request state, carried across phases.
+pub struct RequestCtx {
+    started: Instant,
+    /// The snapshot this request uses from start to end.
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<usize>,
+    /// The normalized path, when it differs from the request's own.
+    normalized_path: Option<String>,
+    request_id: HeaderValue,
+    /// Whether `request_id` replaces what the client sent (or did not send).
+    request_id_generated: bool,
+    /// The chosen target of the current attempt and its load accounting.
+    target: Option<(usize, InFlight)>,
+    /// Targets that failed this request; retries go elsewhere.
+    tried: Vec<SocketAddr>,
+    /// Failed attempts counted against the upstream's `retries`.
+    failures: u32,
+    /// Set when the gateway decides the outcome itself.
+    error: Option<GatewayError>,
+}
+
+/// The route and cluster a request matched.
+struct Matched<'a> {
+    route: &'a Route,
+    cluster: &'a Arc<Cluster>,
+}
+
+impl RequestCtx {
+    fn matched(&self) -> Option<Matched<'_>> {
+        let snapshot = self.snapshot.as_ref()?;
+        let route = snapshot.routes.get(self.route?)?;
+        let cluster = snapshot.clusters.get(route.upstream)?;
+        Some(Matched { route, cluster })
+    }
+
+    fn may_retry(&self) -> bool {
+        self.matched()
+            .is_some_and(|m| self.failures <= m.cluster.retries)
+    }
+}
+
+/// What routing decided for a request that will not be proxied.
+struct Rejection {
+    error: GatewayError,
+    allow: Option<HeaderValue>,
+}
+
+impl From<GatewayError> for Rejection {
+    fn from(error: GatewayError) -> Self {
+        Rejection { error, allow: None }
+    }
+}
+
+/// Normalizes the path and finds the route: the pure part of `request_filter`.
+fn route_request(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+) -> std::result::Result<(usize, Option<String>), Rejection> {
+    let path = normalize_path(req.uri.path()).map_err(|e| GatewayError::BadRequest(e.message()))?;
+    let host = match req.headers.get(HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri.host(),
+    };
+    let host = host.and_then(routing_host);
+    match snapshot.index.lookup(host.as_deref(), &path, &req.method) {
+        Lookup::Route(route) => {
+            let normalized = match path {
+                std::borrow::Cow::Owned(p) => Some(p),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
+            Ok((route, normalized))
+        }
+        Lookup::MethodNotAllowed(allow) => Err(Rejection {
+            error: GatewayError::MethodNotAllowed,
+            allow: Some(allow.clone()),
+        }),
+        Lookup::NotFound => Err(GatewayError::NoRoute.into()),
+    }
+}
+
+/// The request's client IP, for X-Forwarded-For and hashing.
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr()?.as_inet().map(SocketAddr::ip)
+}
+
+/// The bytes a consistent-hash upstream hashes for this request.
+fn hash_key<'a>(
+    key: &HashKey,
+    session: &'a Session,
+    ctx: &'a RequestCtx,
+    ip_buf: &'a mut [u8; 16],
+) -> &'a [u8] {
+    let ip_bytes = |buf: &'a mut [u8; 16]| -> &'a [u8] {
+        match client_ip(session) {
+            Some(IpAddr::V4(v4)) => {
+                buf[..4].copy_from_slice(&v4.octets());
+                &buf[..4]
+            }
+            Some(IpAddr::V6(v6)) => {
+                *buf = v6.octets();
+                &buf[..]
+            }
+            None => &[],
+        }
+    };
+    match key {
+        HashKey::ClientIp => ip_bytes(ip_buf),
+        HashKey::Path => ctx
+            .normalized_path
+            .as_deref()
+            .unwrap_or(session.req_header().uri.path())
+            .as_bytes(),
+        HashKey::Header(name) => match session.req_header().headers.get(name) {
+            Some(v) => v.as_bytes(),
+            None => ip_bytes(ip_buf),
+        },
+    }
+}
+
+impl Gateway {
+    /// Writes a gateway-made JSON response.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rejection: Rejection,
+    ) -> Result<()> {
+        let error = rejection.error;
+        ctx.error = Some(error);
+        let request_id = std::str::from_utf8(ctx.request_id.as_bytes()).unwrap_or("");
+        let body = error.body(request_id);
+        let mut resp = error.header(body.len());
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        if let Some(allow) = rejection.allow {
+            resp.insert_header(ALLOW, allow)?;
+        }
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(resp), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// How a proxy error is reported to the client.
+fn classify(e: &Error) -> Option<GatewayError> {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(502)) => Some(GatewayError::UpstreamError),
+        (_, HTTPStatus(504)) => Some(GatewayError::UpstreamTimeout),
+        (_, HTTPStatus(400)) => Some(GatewayError::BadRequest("the request is malformed")),
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
+            Some(GatewayError::UpstreamTimeout)
+        }
+        (
+            ErrorSource::Upstream,
+            ConnectRefused | ConnectNoRoute | ConnectError | SocketError | ConnectProxyFailure
+            | TLSHandshakeFailure | TLSHandshakeTimedout | HandshakeError,
+        ) => Some(GatewayError::ConnectFailed),
+        (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamError),
+        // The client went away: nobody is left to answer.
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+        (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest("the request is malformed")),
+        _ => Some(GatewayError::Internal),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            snapshot: None,
+            route: None,
+            normalized_path: None,
+            request_id: HeaderValue::from_static(""),
+            request_id_generated: false,
+            target: None,
+            tried: Vec::new(),
+            failures: 0,
+            error: None,
+        }
+    }
+
+    /// Runs first for every request: take the snapshot, settle the request
+    /// id, normalize the path and match the route. Answers 400/404/405 itself.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.store.current();
+
+        match session.req_header().headers.get(&X_REQUEST_ID) {
+            Some(id) if request_id::is_sane(id.as_bytes()) => ctx.request_id = id.clone(),
+            _ => {
+                ctx.request_id = request_id::generate();
+                ctx.request_id_generated = true;
+            }
+        }
+
+        let routed = route_request(&snapshot, session.req_header());
+        ctx.snapshot = Some(snapshot);
+        match routed {
+            Ok((route, normalized_path)) => {
+                ctx.route = Some(route);
+                ctx.normalized_path = normalized_path;
+                Ok(false)
+            }
+            Err(rejection) => {
+                self.respond(session, ctx, rejection).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Picks a healthy target of the route's upstream that this request has
+    /// not already failed on. Called again for each retry.
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // Drop the previous attempt's load accounting before choosing again.
+        ctx.target = None;
+        let Some(Matched { cluster, .. }) = ctx.matched() else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
+        };
+        let cluster = Arc::clone(cluster);
+        let mut ip_buf = [0u8; 16];
+        let key = hash_key(&cluster.hash_key, session, ctx, &mut ip_buf);
+        let Some(index) = cluster.select(key, &ctx.tried) else {
+            let error = if ctx.tried.is_empty() {
+                GatewayError::NoHealthyTarget
+            } else {
+                GatewayError::ConnectFailed
+            };
+            ctx.error = Some(error);
+            return Error::e_explain(ErrorType::HTTPStatus(error.status()), error.message());
+        };
+        let peer = cluster.peer(index);
+        ctx.target = Some((index, cluster.acquire(index)));
+        peer.ok_or_else(|| Error::explain(ErrorType::InternalError, "selected target vanished"))
+    }
+
+    /// Shapes the request the upstream sees: the normalized (and possibly
+    /// stripped) path, forwarding headers, request id, route header edits.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(Matched { route, .. }) = ctx.matched() else {
+            return Ok(());
+        };
+
+        let current = upstream_request.uri.path();
+        let normalized = ctx.normalized_path.as_deref().unwrap_or(current);
+        let forward = route.upstream_path(normalized);
+        let absolute_form = !upstream_request.raw_path().starts_with(b"/");
+        if forward != current || absolute_form {
+            let target = match upstream_request.uri.query() {
+                Some(q) => format!("{forward}?{q}"),
+                None => forward.to_owned(),
+            };
+            upstream_request.set_raw_path(target.as_bytes())?;
+        }
+
+        if let Some(ip) = client_ip(session) {
+            let mut xff = String::new();
+            for prior in upstream_request.headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(prior) = prior.to_str() {
+                    xff.push_str(prior);
+                    xff.push_str(", ");
+                }
+            }
+            xff.push_str(&ip.to_string());
+            upstream_request.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        }
+        upstream_request.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
+        if let Some(host) = session.req_header().headers.get(HOST) {
+            upstream_request.insert_header(X_FORWARDED_HOST.clone(), host.clone())?;
+        }
+        if ctx.request_id_generated {
+            upstream_request.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        }
+        route.request_headers.apply(upstream_request);
+        Ok(())
+    }
+
+    /// Echoes the request id and applies the route's response header edits.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        if let Some(Matched { route, .. }) = ctx.matched() {
+            route.response_headers.apply(upstream_response);
+        }
+        Ok(())
+    }
+
+    /// Connect failures never reached the upstream, so any method may be
+    /// retried, on another target, while the upstream's `retries` allow.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(addr) = peer.address().as_inet() {
+            ctx.tried.push(*addr);
+        }
+        ctx.failures += 1;
+        e.set_retry(ctx.may_retry());
+        e
+    }
+
+    /// The request may have reached the upstream: retry only idempotent
+    /// methods, only before any response went to the client, and only with a
+    /// complete copy of the body. A stale pooled connection (the upstream
+    /// closed it before reading anything) is retried without counting.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        let retry = if !replayable {
+            false
+        } else if stale_pooled {
+            true
+        } else {
+            if let Some(addr) = peer.address().as_inet() {
+                ctx.tried.push(*addr);
+            }
+            ctx.failures += 1;
+            ctx.may_retry()
+        };
+        e.set_retry(retry);
+        e
+    }
+
+    /// The final error of a request that was meant to be proxied: answer
+    /// with the JSON error, unless a response already started.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let error = ctx.error.take().or_else(|| classify(e));
+        let Some(error) = error else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if session.response_written().is_none() {
+            if let Err(write_error) = self.respond(session, ctx, error.into()).await {
+                log::debug!("could not send error response: {write_error}");
+            }
+        }
+        ctx.error = Some(error);
+        FailToProxy {
+            error_code: error.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Runs once per request, whatever happened.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.target = None;
+        if log::log_enabled!(target: "tollgate::access", log::Level::Debug) {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            let route = ctx.matched().map_or("-", |m| m.route.name.as_str());
+            log::debug!(
+                target: "tollgate::access",
+                "{} {} {} route={} status={} took={:?} id={} error={}",
+                client_ip(session).map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                session.req_header().method,
+                session.req_header().uri,
+                route,
+                status,
+                ctx.started.elapsed(),
+                String::from_utf8_lossy(ctx.request_id.as_bytes()),
+                e.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+            );
+        }
+    }
+
+    /// Gateway-made errors (404s, client disconnects) are outcomes, not
+    /// faults of the gateway; keep them out of the error log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        matches!(
+            ctx.error,
+            Some(
+                GatewayError::NoRoute
+                    | GatewayError::MethodNotAllowed
+                    | GatewayError::BadRequest(_)
+            )
+        ) || matches!(
+            (error.esource(), error.etype()),
+            (
+                ErrorSource::Downstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+        )
+    }
+}

@@ -1,0 +1,153 @@
+//! Routing: path normalization, the route index, and what a matched route
+//! does to the request and response on its way through.
+
+mod index;
+mod normalize;
+
+pub use index::{Conflict, HostPattern, Lookup, PathPattern, RouteIndex, RouteIndexBuilder};
+pub use normalize::{normalize_path, PathError};
+
+use http::{HeaderName, HeaderValue, Method};
+use pingora_http::{RequestHeader, ResponseHeader};
+use std::borrow::Cow;
+
+/// A compiled route: everything the proxy needs once a request matched it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    /// Index of the route's upstream in the snapshot's cluster list.
+    pub upstream: usize,
+    /// Byte length of the matched prefix to cut from the forwarded path, when
+    /// `strip_prefix` is on. The root prefix `/` strips nothing.
+    pub strip_prefix: Option<usize>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+impl Route {
+    /// The path the upstream receives for a normalized request path.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
+        match self.strip_prefix {
+            Some(len) if len > 1 => match path.get(len..) {
+                Some("") | None => "/",
+                Some(rest) => rest,
+            },
+            _ => path,
+        }
+    }
+}
+
+/// Compiled header edits: names and values validated when the config loads.
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The three header operations, shared by request and response headers.
+pub trait EditHeaders {
+    fn remove(&mut self, name: &HeaderName);
+    fn set(&mut self, name: &HeaderName, value: &HeaderValue);
+    fn add(&mut self, name: &HeaderName, value: &HeaderValue);
+}
+
+macro_rules! edit_headers_for {
+    ($ty:ty) => {
+        impl EditHeaders for $ty {
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            // Both names and values were validated at load time, so the
+            // Pingora calls below cannot fail on them.
+            fn set(&mut self, name: &HeaderName, value: &HeaderValue) {
+                let _ = self.insert_header(name.clone(), value.clone());
+            }
+            fn add(&mut self, name: &HeaderName, value: &HeaderValue) {
+                let _ = self.append_header(name.clone(), value.clone());
+            }
+        }
+    };
+}
+
+edit_headers_for!(RequestHeader);
+edit_headers_for!(ResponseHeader);
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    /// Applies remove, then set, then add.
+    pub fn apply(&self, headers: &mut impl EditHeaders) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.set(name, value);
+        }
+        for (name, value) in &self.add {
+            headers.add(name, value);
+        }
+    }
+}
+
+/// The request's host for routing: lower-case, without port or trailing dot.
+/// Borrowed unless the client used upper case.
+pub fn routing_host(raw: &str) -> Option<Cow<'_, str>> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: "[::1]:8080" routes as "[::1]".
+        &raw[..rest.find(']').map_or(raw.len(), |i| i + 2)]
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+/// Methods a route accepts, expanded so that GET also admits HEAD (RFC 9110
+/// §9.3.2: a resource that answers GET answers HEAD).
+pub fn expand_methods(methods: Vec<Method>) -> Vec<Method> {
+    let mut methods = methods;
+    if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+        methods.push(Method::HEAD);
+    }
+    methods
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_host_strips_port_and_case() {
+        assert_eq!(
+            routing_host("API.Example.com:8080").as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(routing_host("example.com.").as_deref(), Some("example.com"));
+        assert_eq!(routing_host("[::1]:80").as_deref(), Some("[::1]"));
+        assert_eq!(routing_host(":80"), None);
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_rooted_path() {
+        let route = Route {
+            name: "r".into(),
+            upstream: 0,
+            strip_prefix: Some("/api/users".len()),
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        };
+        assert_eq!(route.upstream_path("/api/users/7"), "/7");
+        assert_eq!(route.upstream_path("/api/users"), "/");
+        assert_eq!(route.upstream_path("/api/users/"), "/");
+    }
+}

@@ -1,0 +1,197 @@
+//! Active health checks that survive reloads.
+//!
+//! Pingora fixes its background services when the server starts, but a reload
+//! can add or remove upstreams. So each upstream with a `health_check` owns a
+//! [`HealthProbe`] (a Pingora `HealthRegistry` plus its schedule), and one
+//! long-lived [`HealthService`] runs whichever probes the current snapshot
+//! holds when they fall due.
+//!
+//! Probes live in a [`HealthPool`] keyed by upstream name and check settings.
+//! A reload that keeps an upstream's checks reuses its probe, so targets that
+//! still exist keep their health (the registry keys health by address, so
+//! even a weight change keeps it).
+
+use crate::config::file::HealthCheckSpec;
+use crate::snapshot::ConfigStore;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_error::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora_load_balancing::{Backend, HealthRegistry};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often the service looks for due probes; the finest useful interval.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// The compiled form of an upstream's `health_check` section.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthSettings {
+    pub http_path: Option<String>,
+    pub interval: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    pub connect_timeout: Duration,
+}
+
+impl HealthSettings {
+    pub fn from_spec(
+        spec: &HealthCheckSpec,
+        interval: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
+        HealthSettings {
+            http_path: spec.http_path.clone(),
+            interval,
+            healthy_after: spec.healthy_after,
+            unhealthy_after: spec.unhealthy_after,
+            connect_timeout,
+        }
+    }
+
+    fn build_check(&self, upstream: &str) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
+        let Some(path) = &self.http_path else {
+            let mut tcp = TcpHealthCheck::new();
+            tcp.consecutive_success = self.healthy_after as usize;
+            tcp.consecutive_failure = self.unhealthy_after as usize;
+            tcp.peer_template.options.connection_timeout = Some(self.connect_timeout);
+            return Ok(tcp);
+        };
+        let mut http = HttpHealthCheck::new(upstream, false);
+        http.consecutive_success = self.healthy_after as usize;
+        http.consecutive_failure = self.unhealthy_after as usize;
+        http.peer_template.options.connection_timeout = Some(self.connect_timeout);
+        // A check slower than its interval would overlap the next one.
+        http.peer_template.options.read_timeout = Some(self.interval);
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None)
+            .map_err(|e| format!("invalid http_path {path:?}: {e}"))?;
+        req.insert_header("Host", upstream)
+            .map_err(|e| format!("upstream name is not a valid Host header: {e}"))?;
+        req.insert_header("User-Agent", "tollgate-health-check")
+            .map_err(|e| e.to_string())?;
+        http.req = req;
+        http.validator = Some(Box::new(|resp: &ResponseHeader| {
+            if resp.status.is_success() {
+                Ok(())
+            } else {
+                Error::e_explain(
+                    ErrorType::CustomCode("health check status", resp.status.as_u16()),
+                    "health check answered with a non-2xx status",
+                )
+            }
+        }));
+        Ok(Box::new(http))
+    }
+}
+
+/// One upstream's health registry and when it is next due.
+pub struct HealthProbe {
+    pub registry: Arc<HealthRegistry>,
+    pub settings: HealthSettings,
+    next_due: Mutex<Instant>,
+    running: AtomicBool,
+}
+
+impl HealthProbe {
+    fn new(upstream: &str, settings: HealthSettings) -> Result<Self, String> {
+        let registry = HealthRegistry::with_equivalence(address_key);
+        registry.set_health_check(settings.build_check(upstream)?);
+        Ok(HealthProbe {
+            registry: Arc::new(registry),
+            settings,
+            next_due: Mutex::new(Instant::now()),
+            running: AtomicBool::new(false),
+        })
+    }
+
+    /// Claims the probe if it is due and not already running.
+    fn claim(&self, now: Instant) -> bool {
+        let mut next_due = self.next_due.lock().unwrap_or_else(PoisonError::into_inner);
+        if now < *next_due || self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *next_due = now + self.settings.interval;
+        true
+    }
+
+    async fn run(&self) {
+        self.registry.run_health_check(true).await;
+        self.running.store(false, Ordering::Release);
+    }
+}
+
+/// Health is keyed by address alone, so a weight change keeps a target's state.
+fn address_key(backend: &Backend) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    backend.addr.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Probes by upstream name, carried from one snapshot to the next.
+#[derive(Default)]
+pub struct HealthPool {
+    probes: Mutex<HashMap<String, Arc<HealthProbe>>>,
+}
+
+impl HealthPool {
+    /// The probe for `upstream`: the existing one if its settings are
+    /// unchanged, else a new one (starting with every target healthy).
+    pub fn probe(
+        &self,
+        upstream: &str,
+        settings: HealthSettings,
+    ) -> Result<Arc<HealthProbe>, String> {
+        let probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(probe) = probes.get(upstream) {
+            if probe.settings == settings {
+                return Ok(Arc::clone(probe));
+            }
+        }
+        Ok(Arc::new(HealthProbe::new(upstream, settings)?))
+    }
+
+    /// Keeps exactly the probes the newly active snapshot uses.
+    pub fn retain(&self, active: HashMap<String, Arc<HealthProbe>>) {
+        *self.probes.lock().unwrap_or_else(PoisonError::into_inner) = active;
+    }
+}
+
+/// The one background task that runs every due probe of the current snapshot.
+pub struct HealthService {
+    store: Arc<ConfigStore>,
+}
+
+impl HealthService {
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        HealthService { store }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let now = Instant::now();
+            for cluster in &self.store.current().clusters {
+                if let Some(probe) = &cluster.health {
+                    if probe.claim(now) {
+                        let probe = Arc::clone(probe);
+                        // Each probe runs on its own so a slow upstream does
+                        // not delay the checks of the others.
+                        tokio::spawn(async move { probe.run().await });
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

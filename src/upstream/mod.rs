@@ -1,0 +1,369 @@
+//! Upstream clusters: a named set of targets, how one is chosen per request,
+//! and how the proxy connects to it.
+//!
+//! Selection uses pingora-load-balancing (`LoadBalancer` with its weighted
+//! round robin, random and Ketama algorithms, and its health registry).
+//! `least_conn` is not in Pingora; it is built here on per-target in-flight
+//! counts, over the same health state.
+
+pub mod health;
+
+use health::HealthProbe;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_load_balancing::discovery::Static;
+use pingora_load_balancing::selection::{
+    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
+};
+use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+pub use crate::config::file::Balance;
+
+/// One address of an upstream.
+#[derive(Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    backend: Backend,
+    /// Requests currently sent to this target through `least_conn`. Shared
+    /// with the previous snapshot's target of the same address, so a reload
+    /// does not forget the load already there.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// One request's share of a target's in-flight count, given back on drop, so
+/// every way a request can end (finished, failed, retried, cancelled)
+/// releases it.
+#[derive(Debug)]
+pub struct InFlight(Option<Arc<AtomicUsize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(count) = &self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a request's consistent-hash key is taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Path,
+    Header(http::HeaderName),
+}
+
+/// Connection timeouts toward the targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
+enum Selector {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Random(LoadBalancer<Random>),
+    ConsistentHash(LoadBalancer<Consistent>),
+    /// The balancer only tracks membership and health here; the choice is
+    /// made from the in-flight counts.
+    LeastConn {
+        lb: LoadBalancer<RoundRobin>,
+        /// Rotates the starting point so equal loads spread evenly.
+        next: AtomicUsize,
+    },
+}
+
+/// An upstream, compiled: immutable except for health and load counters.
+pub struct Cluster {
+    pub name: String,
+    pub balance: Balance,
+    pub targets: Vec<Target>,
+    pub hash_key: HashKey,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub health: Option<Arc<HealthProbe>>,
+    selector: Selector,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.name)
+            .field("balance", &self.balance)
+            .field("targets", &self.targets)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bound on how far a selection walks to skip unhealthy or tried targets.
+const MAX_SELECT_ITERATIONS: usize = 256;
+
+impl Cluster {
+    /// Builds a cluster. `previous` is the same-named cluster of the running
+    /// snapshot, whose in-flight counters carry over by address.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        balance: Balance,
+        targets: Vec<(SocketAddr, u32)>,
+        hash_key: HashKey,
+        timeouts: Timeouts,
+        retries: u32,
+        health: Option<Arc<HealthProbe>>,
+        previous: Option<&Cluster>,
+    ) -> Cluster {
+        let targets: Vec<Target> = targets
+            .into_iter()
+            .map(|(addr, weight)| Target {
+                addr,
+                weight,
+                backend: Backend {
+                    addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
+                    weight: weight as usize,
+                    ext: Default::default(),
+                },
+                in_flight: previous
+                    .and_then(|p| p.targets.iter().find(|t| t.addr == addr))
+                    .map(|t| Arc::clone(&t.in_flight))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let backends: BTreeSet<Backend> = targets.iter().map(|t| t.backend.clone()).collect();
+        let registry = health.as_ref().map(|p| Arc::clone(&p.registry));
+        let selector = match balance {
+            Balance::RoundRobin => Selector::RoundRobin(balancer(backends, registry)),
+            Balance::Random => Selector::Random(balancer(backends, registry)),
+            Balance::ConsistentHash => Selector::ConsistentHash(balancer(backends, registry)),
+            Balance::LeastConn => Selector::LeastConn {
+                lb: balancer(backends, registry),
+                next: AtomicUsize::new(0),
+            },
+        };
+        Cluster {
+            name,
+            balance,
+            targets,
+            hash_key,
+            timeouts,
+            retries,
+            health,
+            selector,
+        }
+    }
+
+    /// Whether target `index` is currently healthy.
+    pub fn is_ready(&self, index: usize) -> bool {
+        self.targets
+            .get(index)
+            .is_some_and(|t| self.backends().ready(&t.backend))
+    }
+
+    /// Whether any target is healthy (readiness of the whole upstream).
+    pub fn has_ready_target(&self) -> bool {
+        (0..self.targets.len()).any(|i| self.is_ready(i))
+    }
+
+    fn backends(&self) -> &Backends {
+        match &self.selector {
+            Selector::RoundRobin(lb) => lb.backends(),
+            Selector::Random(lb) => lb.backends(),
+            Selector::ConsistentHash(lb) => lb.backends(),
+            Selector::LeastConn { lb, .. } => lb.backends(),
+        }
+    }
+
+    /// Chooses a healthy target that is not in `tried`, returning its index.
+    /// `key` feeds consistent hashing and is ignored by the other modes.
+    pub fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<usize> {
+        let accept = |b: &Backend, healthy: bool| {
+            healthy && b.addr.as_inet().is_some_and(|a| !tried.contains(a))
+        };
+        let chosen = match &self.selector {
+            Selector::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::Random(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::ConsistentHash(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
+            Selector::LeastConn { lb, next } => return self.least_conn(lb, next, tried),
+        }?;
+        let addr = chosen.addr.as_inet()?;
+        self.targets.iter().position(|t| t.addr == *addr)
+    }
+
+    /// The target with the fewest in-flight requests per unit of weight.
+    fn least_conn(
+        &self,
+        lb: &LoadBalancer<RoundRobin>,
+        next: &AtomicUsize,
+        tried: &[SocketAddr],
+    ) -> Option<usize> {
+        let n = self.targets.len();
+        let start = next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let mut best: Option<(usize, usize, u32)> = None;
+        for offset in 0..n {
+            let i = (start + offset) % n;
+            let t = &self.targets[i];
+            if tried.contains(&t.addr) || !lb.backends().ready(&t.backend) {
+                continue;
+            }
+            let load = t.in_flight.load(Ordering::Relaxed);
+            // load/weight < best_load/best_weight, without division.
+            let better = best.is_none_or(|(_, best_load, best_weight)| {
+                (load as u128) * (best_weight as u128) < (best_load as u128) * (t.weight as u128)
+            });
+            if better {
+                best = Some((i, load, t.weight));
+            }
+        }
+        best.map(|(i, _, _)| i)
+    }
+
+    /// Counts a request as sent to target `index` until the returned guard
+    /// is dropped. Only `least_conn` reads the counts, so only it pays for them.
+    pub fn acquire(&self, index: usize) -> InFlight {
+        match self.targets.get(index) {
+            Some(t) if self.balance == Balance::LeastConn => {
+                t.in_flight.fetch_add(1, Ordering::Relaxed);
+                InFlight(Some(Arc::clone(&t.in_flight)))
+            }
+            _ => InFlight(None),
+        }
+    }
+
+    /// The peer to connect to for target `index`.
+    pub fn peer(&self, index: usize) -> Option<Box<HttpPeer>> {
+        let target = self.targets.get(index)?;
+        let mut peer = HttpPeer::new(target.addr, false, String::new());
+        let options = &mut peer.options;
+        options.connection_timeout = Some(self.timeouts.connect);
+        options.read_timeout = Some(self.timeouts.read);
+        options.write_timeout = Some(self.timeouts.write);
+        options.idle_timeout = Some(self.timeouts.idle);
+        Some(Box::new(peer))
+    }
+}
+
+/// A `LoadBalancer` over a fixed target set, sharing the upstream's health
+/// registry when it has active checks.
+fn balancer<S>(
+    backends: BTreeSet<Backend>,
+    registry: Option<Arc<pingora_load_balancing::HealthRegistry>>,
+) -> LoadBalancer<S>
+where
+    S: BackendSelection + 'static,
+    S::Iter: BackendIter,
+{
+    let discovery = Static::new(backends);
+    let view = match registry {
+        Some(registry) => Backends::new_with_health_registry(discovery, registry),
+        None => Backends::new(discovery),
+    };
+    let lb = LoadBalancer::from_backends(view);
+    // Static discovery completes without waiting, so one poll publishes the
+    // membership; this keeps compiling a snapshot synchronous.
+    if poll_once(lb.update()).is_none() {
+        log::error!("static discovery did not complete synchronously");
+    }
+    lb
+}
+
+fn poll_once<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(balance: Balance, targets: &[(&str, u32)]) -> Cluster {
+        Cluster::new(
+            "t".into(),
+            balance,
+            targets
+                .iter()
+                .map(|(a, w)| (a.parse().unwrap(), *w))
+                .collect(),
+            HashKey::ClientIp,
+            Timeouts {
+                connect: Duration::from_secs(1),
+                read: Duration::from_secs(1),
+                write: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
+            },
+            1,
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_exactly() {
+        let c = cluster(
+            Balance::RoundRobin,
+            &[("127.0.0.1:1", 1), ("127.0.0.1:2", 3)],
+        );
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[c.select(b"", &[]).unwrap()] += 1;
+        }
+        assert_eq!(counts, [100, 300]);
+    }
+
+    #[test]
+    fn tried_targets_are_skipped() {
+        let c = cluster(
+            Balance::RoundRobin,
+            &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)],
+        );
+        let tried = ["127.0.0.1:1".parse().unwrap()];
+        for _ in 0..10 {
+            assert_eq!(c.select(b"", &tried), Some(1));
+        }
+        let both = [
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        assert_eq!(c.select(b"", &both), None);
+    }
+
+    #[test]
+    fn least_conn_prefers_the_idle_target() {
+        let c = cluster(
+            Balance::LeastConn,
+            &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)],
+        );
+        let busy = c.acquire(0);
+        for _ in 0..5 {
+            assert_eq!(c.select(b"", &[]), Some(1));
+        }
+        drop(busy);
+        let _busy = c.acquire(1);
+        assert_eq!(c.select(b"", &[]), Some(0));
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky() {
+        let c = cluster(
+            Balance::ConsistentHash,
+            &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)],
+        );
+        let first = c.select(b"client-a", &[]);
+        for _ in 0..20 {
+            assert_eq!(c.select(b"client-a", &[]), first);
+        }
+    }
+}

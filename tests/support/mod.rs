@@ -1,0 +1,316 @@
+//! Test harness: starts the real `tollgate` binary on ephemeral ports of
+//! 127.0.0.1 with a config the test writes, and talks to it over real sockets.
+
+#![allow(dead_code)]
+
+pub mod http;
+pub mod upstream;
+
+use http::{buffered, read_body, read_head, Head};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Generous bound for anything a test waits on; tests poll, never sleep-and-assert.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub head: Head,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.header(name)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// For echo-upstream answers: the first value of a header the upstream received.
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"]
+            .as_array()?
+            .iter()
+            .find(|h| h[0] == name)
+            .and_then(|h| h[1].as_str().map(str::to_owned))
+    }
+
+    /// Asserts the gateway's own JSON error shape and returns its code.
+    pub fn assert_gateway_error(&self, status: u16) -> String {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let v = self.json();
+        let e = &v["error"];
+        assert_eq!(e["status"], status, "{v}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        let id = e["request_id"].as_str().expect("request_id");
+        assert!(!id.is_empty());
+        assert_eq!(self.header("x-request-id"), Some(id));
+        e["code"].as_str().expect("code").to_owned()
+    }
+}
+
+/// An ephemeral port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Sends raw bytes on a fresh connection and reads one response.
+pub fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut conn = Connection::open(addr);
+    conn.send_raw(raw);
+    conn.read_response()
+}
+
+/// `GET path` with a Host header.
+pub fn get(addr: SocketAddr, host: &str, path: &str) -> Response {
+    request(addr, "GET", host, path, &[], b"")
+}
+
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut conn = Connection::open(addr);
+    conn.send(method, host, path, headers, body);
+    conn.read_response()
+}
+
+/// One client connection, for keepalive sequences.
+pub struct Connection {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    pub fn open(addr: SocketAddr) -> Connection {
+        let stream = TcpStream::connect(addr).expect("connect to gateway");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        Connection {
+            writer: stream.try_clone().expect("clone"),
+            reader: buffered(stream),
+        }
+    }
+
+    pub fn send_raw(&mut self, raw: &[u8]) {
+        self.writer.write_all(raw).expect("write request");
+    }
+
+    pub fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (n, v) in headers {
+            raw.push_str(&format!("{n}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        raw.push_str("\r\n");
+        let mut bytes = raw.into_bytes();
+        bytes.extend_from_slice(body);
+        self.send_raw(&bytes);
+    }
+
+    /// Reads only a response head (for HEAD requests, which have no body).
+    pub fn read_response_head(&mut self) -> Head {
+        read_head(&mut self.reader)
+            .expect("read response head")
+            .expect("connection closed before a response")
+    }
+
+    pub fn read_response(&mut self) -> Response {
+        let head = self.read_response_head();
+        let status = head
+            .start_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {:?}", head.start_line));
+        let body = read_body(&mut self.reader, &head, true).expect("read response body");
+        Response { status, head, body }
+    }
+}
+
+static INSTANCE: AtomicUsize = AtomicUsize::new(0);
+
+/// A running gateway process, killed when dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    child: Child,
+}
+
+/// The test's own scratch directory.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("tollgate-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+impl Gateway {
+    /// Starts the gateway with `body` (the upstreams and routes sections);
+    /// the harness adds server, listen and admin.
+    pub fn start(body: &str) -> Gateway {
+        let dir = scratch_dir("gw");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config_path = dir.join("tollgate.yaml");
+        let gateway_dir = dir.clone();
+        write_config(&config_path, &gateway_dir, addr, admin, body);
+        let log = std::fs::File::create(dir.join("gateway.log")).expect("log file");
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start tollgate");
+        let gw = Gateway {
+            addr,
+            admin,
+            dir,
+            config_path,
+            child,
+        };
+        gw.wait_until("admin /healthz answers", || {
+            TcpStream::connect(gw.admin).is_ok() && admin_get(gw.admin, "/healthz").status == 200
+        });
+        gw.wait_until("listener accepts", || TcpStream::connect(gw.addr).is_ok());
+        gw
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Polls `check` until it holds; panics with the gateway log after WAIT.
+    pub fn wait_until(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "timed out waiting until {what}; gateway log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> Response {
+        get(self.addr, host, path)
+    }
+
+    pub fn admin_get(&self, path: &str) -> Response {
+        admin_get(self.admin, path)
+    }
+
+    /// Replaces the config body, sends SIGHUP and waits for the reload to be
+    /// attempted (whether or not it succeeded).
+    pub fn reload_with(&self, body: &str) -> serde_json::Value {
+        let before = self.admin_get("/config").json()["reload_attempts"]
+            .as_u64()
+            .unwrap();
+        write_config(&self.config_path, &self.dir, self.addr, self.admin, body);
+        self.signal("HUP");
+        let mut status = serde_json::Value::Null;
+        self.wait_until("the reload is attempted", || {
+            status = self.admin_get("/config").json();
+            status["reload_attempts"].as_u64().unwrap() > before
+        });
+        status
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(path: &Path, dir: &Path, addr: SocketAddr, admin: SocketAddr, body: &str) {
+    let text = format!(
+        "server:\n  threads: 2\n  pid_file: {dir}/tollgate.pid\n  upgrade_sock: {dir}/upgrade.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\nlisten: [\"{addr}\"]\nadmin: \"{admin}\"\n{body}",
+        dir = dir.display()
+    );
+    std::fs::write(path, text).expect("write config");
+}
+
+pub fn admin_get(admin: SocketAddr, path: &str) -> Response {
+    get(admin, "admin", path)
+}
+
+/// Runs `tollgate -t -c FILE` on `text` and returns (exit code, stdout, stderr).
+pub fn check_config(text: &str) -> (i32, String, String) {
+    let dir = scratch_dir("check");
+    let path = dir.join("tollgate.yaml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(binary())
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run tollgate -t");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

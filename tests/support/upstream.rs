@@ -1,0 +1,158 @@
+//! A real HTTP upstream for tests and for `make run`'s demo: it answers every
+//! request with JSON describing what it received (method, target, headers),
+//! so a test can assert on exactly what the gateway forwarded.
+//!
+//! Behaviour the tests steer:
+//! - `GET /healthz` answers 200 while healthy, 503 otherwise;
+//! - a request header `X-Test-Delay-Ms: N` delays the answer by N ms;
+//! - `close_after_read` makes it read a request and hang up without answering.
+
+#![allow(dead_code)]
+
+use super::http::{buffered, read_body, read_head};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct State {
+    name: String,
+    healthy: AtomicBool,
+    close_after_read: AtomicBool,
+    /// Requests answered or dropped, health checks excluded.
+    hits: AtomicUsize,
+    health_checks: AtomicUsize,
+}
+
+/// A running upstream; it stops accepting when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    /// Starts on an ephemeral port of 127.0.0.1.
+    pub fn start(name: &str) -> Upstream {
+        Self::start_on("127.0.0.1:0", name).expect("bind test upstream")
+    }
+
+    pub fn start_on(addr: &str, name: &str) -> std::io::Result<Upstream> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            name: name.to_owned(),
+            healthy: AtomicBool::new(true),
+            close_after_read: AtomicBool::new(false),
+            hits: AtomicUsize::new(0),
+            health_checks: AtomicUsize::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (accept_state, accept_stop) = (Arc::clone(&state), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if accept_stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let state = Arc::clone(&accept_state);
+                std::thread::spawn(move || serve(conn, &state));
+            }
+        });
+        Ok(Upstream { addr, state, stop })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn health_checks(&self) -> usize {
+        self.state.health_checks.load(Ordering::SeqCst)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn set_close_after_read(&self, close: bool) {
+        self.state.close_after_read.store(close, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(conn: TcpStream, state: &State) {
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = buffered(conn);
+    loop {
+        let head = match read_head(&mut reader) {
+            Ok(Some(head)) => head,
+            _ => return,
+        };
+        let Ok(body) = read_body(&mut reader, &head, false) else {
+            return;
+        };
+        let mut parts = head.start_line.split(' ');
+        let method = parts.next().unwrap_or("").to_owned();
+        let target = parts.next().unwrap_or("").to_owned();
+
+        let (status, payload) = if target == "/healthz" {
+            state.health_checks.fetch_add(1, Ordering::SeqCst);
+            if state.healthy.load(Ordering::SeqCst) {
+                (200, serde_json::json!({ "status": "ok" }))
+            } else {
+                (503, serde_json::json!({ "status": "unhealthy" }))
+            }
+        } else {
+            state.hits.fetch_add(1, Ordering::SeqCst);
+            if state.close_after_read.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Some(ms) = head.header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            let headers: Vec<[String; 2]> = head
+                .headers
+                .iter()
+                .map(|(n, v)| [n.to_ascii_lowercase(), v.clone()])
+                .collect();
+            (
+                200,
+                serde_json::json!({
+                    "upstream": state.name,
+                    "method": method,
+                    "target": target,
+                    "headers": headers,
+                    "body_len": body.len(),
+                }),
+            )
+        };
+        let payload = payload.to_string();
+        let response = format!(
+            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nServer: tollgate-test-upstream\r\nX-Upstream: {}\r\n\r\n",
+            if status == 200 { "OK" } else { "Service Unavailable" },
+            payload.len(),
+            state.name,
+        );
+        let head_only = method == "HEAD";
+        if writer.write_all(response.as_bytes()).is_err()
+            || (!head_only && writer.write_all(payload.as_bytes()).is_err())
+        {
+            return;
+        }
+    }
+}
