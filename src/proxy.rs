@@ -51,6 +51,8 @@ pub struct RequestCtx {
     tried: Vec<SocketAddr>,
     /// Failed attempts counted against the upstream's `retries`.
     failures: u32,
+    /// How the last failed attempt failed, reported if no target is left.
+    last_failure: Option<GatewayError>,
     /// Set when the gateway decides the outcome itself.
     error: Option<GatewayError>,
 }
@@ -220,6 +222,7 @@ impl ProxyHttp for Gateway {
             target: None,
             tried: Vec::new(),
             failures: 0,
+            last_failure: None,
             error: None,
         }
     }
@@ -268,11 +271,7 @@ impl ProxyHttp for Gateway {
         let mut ip_buf = [0u8; 16];
         let key = hash_key(&cluster.hash_key, session, ctx, &mut ip_buf);
         let Some(index) = cluster.select(key, &ctx.tried) else {
-            let error = if ctx.tried.is_empty() {
-                GatewayError::NoHealthyTarget
-            } else {
-                GatewayError::ConnectFailed
-            };
+            let error = ctx.last_failure.unwrap_or(GatewayError::NoHealthyTarget);
             ctx.error = Some(error);
             return Error::e_explain(ErrorType::HTTPStatus(error.status()), error.message());
         };
@@ -354,6 +353,7 @@ impl ProxyHttp for Gateway {
             ctx.tried.push(*addr);
         }
         ctx.failures += 1;
+        ctx.last_failure = classify(&e);
         e.set_retry(ctx.may_retry());
         e
     }
@@ -384,6 +384,7 @@ impl ProxyHttp for Gateway {
                 ctx.tried.push(*addr);
             }
             ctx.failures += 1;
+            ctx.last_failure = classify(&e);
             ctx.may_retry()
         };
         e.set_retry(retry);

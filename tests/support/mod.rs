@@ -110,6 +110,7 @@ pub struct Connection {
 impl Connection {
     pub fn open(addr: SocketAddr) -> Connection {
         let stream = TcpStream::connect(addr).expect("connect to gateway");
+        let _ = stream.set_nodelay(true);
         stream.set_read_timeout(Some(WAIT)).expect("timeout");
         Connection {
             writer: stream.try_clone().expect("clone"),

@@ -1,0 +1,255 @@
+//! Load balancing, health checks, failover, retries and timeouts, against
+//! real upstream servers.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use support::upstream::Upstream;
+use support::{Connection, Gateway, Response};
+
+/// An address on which nothing listens.
+fn dead_address() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn one_route(upstream_yaml: &str) -> String {
+    format!("upstreams:\n  pool:\n{upstream_yaml}routes:\n  - {{ name: all, path_prefix: /, upstream: pool }}\n")
+}
+
+/// Sends `n` GETs over one keepalive connection and counts answers by the
+/// upstream that served them; `None` if any answer was not a 200.
+fn try_tally(gw: &Gateway, n: usize, headers: &[(&str, &str)]) -> Option<HashMap<String, usize>> {
+    let mut conn = Connection::open(gw.addr);
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        conn.send("GET", "h", "/", headers, b"");
+        let resp = conn.read_response();
+        if resp.status != 200 {
+            return None;
+        }
+        *counts
+            .entry(resp.header("x-upstream")?.to_owned())
+            .or_default() += 1;
+    }
+    Some(counts)
+}
+
+fn tally(gw: &Gateway, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+    try_tally(gw, n, headers).expect("every request answered 200")
+}
+
+#[test]
+fn weighted_round_robin_sends_three_quarters_to_weight_three() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", {{ address: \"{}\", weight: 3 }}]\n    balance: round_robin\n",
+        a.addr, b.addr
+    )));
+    let counts = tally(&gw, 4000, &[]);
+    let share_b = counts["b"] as f64 / 4000.0;
+    assert!((share_b - 0.75).abs() <= 0.02, "{counts:?}");
+}
+
+#[test]
+fn weighted_random_follows_weights() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", {{ address: \"{}\", weight: 3 }}]\n    balance: random\n",
+        a.addr, b.addr
+    )));
+    let counts = tally(&gw, 2000, &[]);
+    let share_b = counts["b"] as f64 / 2000.0;
+    // 2000 draws at p=0.75: a standard deviation is ~1 point; allow 5.
+    assert!((share_b - 0.75).abs() <= 0.05, "{counts:?}");
+}
+
+#[test]
+fn consistent_hash_keeps_each_key_on_one_target() {
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    let targets: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [{}]\n    balance: consistent_hash\n    hash_key: header:X-User\n",
+        targets.join(", ")
+    )));
+    let mut used = std::collections::HashSet::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let counts = tally(&gw, 5, &[("X-User", &user)]);
+        assert_eq!(counts.len(), 1, "{user} moved between targets: {counts:?}");
+        used.extend(counts.into_keys());
+    }
+    assert!(used.len() >= 2, "30 keys all hashed to {used:?}");
+}
+
+#[test]
+fn consistent_hash_by_client_ip_is_sticky() {
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    let targets: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [{}]\n    balance: consistent_hash\n",
+        targets.join(", ")
+    )));
+    assert_eq!(tally(&gw, 30, &[]).len(), 1);
+}
+
+#[test]
+fn least_conn_avoids_the_busy_target() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    balance: least_conn\n",
+        a.addr, b.addr
+    )));
+    // Occupy one target with a slow request...
+    let addr = gw.addr;
+    let slow = std::thread::spawn(move || {
+        support::request(addr, "GET", "h", "/", &[("X-Test-Delay-Ms", "3000")], b"")
+            .header("x-upstream")
+            .unwrap()
+            .to_owned()
+    });
+    gw.wait_until("the slow request reaches a target", || {
+        a.hits() + b.hits() == 1
+    });
+    let busy = if a.hits() == 1 { "a" } else { "b" };
+    // ...then every request meanwhile goes to the idle one. Round robin
+    // would send half of them to the busy target.
+    let counts = tally(&gw, 10, &[]);
+    assert_eq!(counts.get(busy), None, "busy target {busy} got {counts:?}");
+    assert_eq!(slow.join().unwrap(), busy);
+}
+
+#[test]
+fn a_dead_target_fails_over_to_a_live_one() {
+    let live = Upstream::start("live");
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    retries: 1\n",
+        dead_address(),
+        live.addr
+    )));
+    let counts = tally(&gw, 20, &[]);
+    assert_eq!(counts["live"], 20);
+}
+
+#[test]
+fn with_every_target_dead_the_answer_is_502() {
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    retries: 1\n",
+        dead_address(),
+        dead_address()
+    )));
+    assert_eq!(
+        gw.get("h", "/").assert_gateway_error(502),
+        "upstream_unavailable"
+    );
+}
+
+#[test]
+fn health_checks_eject_a_failing_target_and_bring_it_back() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    health_check: {{ http_path: /healthz, interval: 100ms, healthy_after: 2, unhealthy_after: 2 }}\n",
+        a.addr, b.addr
+    )));
+    gw.wait_until("health checks run", || a.health_checks() >= 2);
+    assert_eq!(tally(&gw, 10, &[]).len(), 2);
+
+    a.set_healthy(false);
+    gw.wait_until("a is ejected", || tally(&gw, 6, &[]).get("a").is_none());
+    let before = a.hits();
+    assert_eq!(tally(&gw, 20, &[])["b"], 20);
+    assert_eq!(a.hits(), before, "an ejected target received traffic");
+
+    b.set_healthy(false);
+    gw.wait_until("b is ejected too", || gw.get("h", "/").status == 502);
+    assert_eq!(
+        gw.get("h", "/").assert_gateway_error(502),
+        "upstream_unavailable"
+    );
+    let ready = gw.admin_get("/readyz");
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        ready.json()["upstreams_without_healthy_target"],
+        serde_json::json!(["pool"])
+    );
+
+    a.set_healthy(true);
+    b.set_healthy(true);
+    gw.wait_until("both return", || {
+        try_tally(&gw, 6, &[]).is_some_and(|c| c.len() == 2)
+    });
+    assert_eq!(gw.admin_get("/readyz").status, 200);
+}
+
+#[test]
+fn tcp_health_check_ejects_a_closed_port() {
+    let live = Upstream::start("live");
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    retries: 0\n    health_check: {{ interval: 100ms, unhealthy_after: 1 }}\n",
+        dead_address(),
+        live.addr
+    )));
+    // With retries off, only ejection keeps requests away from the dead port.
+    gw.wait_until("the dead port is ejected", || {
+        (0..6).all(|_| gw.get("h", "/").status == 200)
+    });
+    assert_eq!(tally(&gw, 20, &[])["live"], 20);
+}
+
+/// POSTs and GETs to a pool where target `a` reads each request and hangs
+/// up without answering.
+fn hang_up_pool() -> (Upstream, Upstream, Gateway) {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    a.set_close_after_read(true);
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    retries: 1\n",
+        a.addr, b.addr
+    )));
+    (a, b, gw)
+}
+
+#[test]
+fn a_post_that_reached_the_upstream_is_not_retried() {
+    let (a, b, gw) = hang_up_pool();
+    let results: Vec<Response> = (0..6)
+        .map(|_| support::request(gw.addr, "POST", "h", "/", &[], b"payload"))
+        .collect();
+    let failed = results.iter().filter(|r| r.status == 502).count();
+    assert!(failed >= 1, "round robin should have sent some POSTs to a");
+    for r in results.iter().filter(|r| r.status == 502) {
+        assert_eq!(r.assert_gateway_error(502), "upstream_error");
+    }
+    assert_eq!(a.hits(), failed, "each failed POST reached a exactly once");
+    assert_eq!(b.hits(), 6 - failed, "no failed POST was replayed on b");
+}
+
+#[test]
+fn an_idempotent_request_is_retried_on_another_target() {
+    let (a, b, gw) = hang_up_pool();
+    for _ in 0..6 {
+        assert_eq!(gw.get("h", "/").status, 200);
+    }
+    assert!(a.hits() >= 1, "round robin should have tried a");
+    assert_eq!(b.hits(), 6);
+}
+
+#[test]
+fn a_slow_upstream_gives_504() {
+    let slow = Upstream::start("slow");
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\"]\n    timeouts: {{ read: 300ms }}\n",
+        slow.addr
+    )));
+    let resp = support::request(
+        gw.addr,
+        "GET",
+        "h",
+        "/",
+        &[("X-Test-Delay-Ms", "2000")],
+        b"",
+    );
+    assert_eq!(resp.assert_gateway_error(504), "upstream_timeout");
+    // A fast request on the same upstream still works.
+    assert_eq!(gw.get("h", "/").status, 200);
+}
