@@ -19,6 +19,9 @@ use tollgate::snapshot::ConfigStore;
 use tollgate::upstream::health::HealthService;
 
 const DEFAULT_CONFIG: &str = "/etc/tollgate/tollgate.yaml";
+/// Pingora waits out the whole grace period on a graceful stop, busy or not;
+/// its 300 s default makes every restart take five minutes.
+const DEFAULT_GRACE_SECONDS: u64 = 30;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -115,7 +118,7 @@ fn server_conf(s: &ServerSection) -> ServerConf {
         upstream_keepalive_pool_size: s
             .upstream_keepalive_pool_size
             .unwrap_or(defaults.upstream_keepalive_pool_size),
-        grace_period_seconds: s.grace_period_seconds.or(defaults.grace_period_seconds),
+        grace_period_seconds: Some(s.grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
         graceful_shutdown_timeout_seconds: s
             .graceful_shutdown_timeout_seconds
             .or(defaults.graceful_shutdown_timeout_seconds),

@@ -14,6 +14,7 @@ use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -312,7 +313,8 @@ impl ProxyHttp for Gateway {
                     xff.push_str(", ");
                 }
             }
-            xff.push_str(&ip.to_string());
+            // Writing into a String cannot fail.
+            let _ = write!(xff, "{ip}");
             upstream_request.insert_header(X_FORWARDED_FOR.clone(), xff)?;
         }
         upstream_request.insert_header(X_FORWARDED_PROTO.clone(), "http")?;

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what building and testing tollgate needs beyond the Rust toolchain.
+# As root it installs the missing Debian packages; otherwise it names them and
+# stops. Safe to run repeatedly: it does nothing when everything is present.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)   # Pingora's C dependencies build with it
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v curl >/dev/null 2>&1 || need+=(curl)     # make run's hint, the docs' examples
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tollgate needs these Debian packages: ${need[*]}" >&2
+  echo "install them with: sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+echo "installing ${need[*]} ..."
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${need[@]}" >/dev/null
