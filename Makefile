@@ -17,9 +17,14 @@ run: release
 test: deps
 	$(CARGO) test --all-targets
 
-## Microbenchmarks (criterion): route lookup, path normalization, config compile.
+## Load benchmarks against nginx, HAProxy, Caddy, bare Pingora and the seed's
+## gateways (benches/load), then the criterion microbenchmarks unless
+## BENCH_QUICK=1. Results: benches/results/ and the README.
 bench: deps
+	./benches/load/run.sh
+ifneq ($(BENCH_QUICK),1)
 	$(CARGO) bench --bench router
+endif
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -11,7 +11,11 @@
 //! routes exist, so 10,000 routes cost what one does.
 
 use http::{HeaderValue, Method};
-use std::collections::HashMap;
+
+/// The index's maps are built once from the config and only read per
+/// request, so a fast keyed hash is enough: requests can choose lookup keys
+/// but never insert, which is what hash flooding needs.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 /// Which hosts a route accepts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Load benchmarks: tollgate against nginx, HAProxy, Caddy, a bare Pingora
+proxy and the seed's Flask and Go gateways, on one machine, in one run.
+
+Method (docs/performance.md): the proxy under test is pinned to core 0, the
+load generator and the upstream (nginx, fixed ~100-byte JSON body,
+keepalive) share core 1. Load is HTTP/1.1 keepalive over 64 connections.
+
+For each scenario:
+  - max requests/s, closed loop (wrk);
+  - proxy CPU microseconds per request (utime+stime of the proxy's process
+    tree from /proc over the wrk run, divided by the requests served);
+  - peak RSS of the proxy's process tree;
+  - p50 / p99 / p99.9 latency at a fixed rate (oha -q with latency
+    correction), at 80% of the slower of nginx's and tollgate's max, so
+    coordinated omission does not hide the tail;
+  - errors.
+Then memory: RSS idle, holding 10,000 idle keepalive client connections,
+and after they close.
+
+A scenario is a few lines in SCENARIOS below. BENCH_QUICK=1 shortens every
+phase; BENCH_ONLY=name1,name2 runs a subset.
+"""
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "benches" / "load"
+RESULTS = ROOT / "benches" / "results"
+RAW = RESULTS / "raw"
+TOOLS = ROOT / "benches" / ".tools" / "bin"
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+DURATION = 4 if QUICK else 15
+LATENCY_DURATION = 4 if QUICK else 15
+CONNECTIONS = 64
+IDLE_CONNECTIONS = 10_000
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+UPSTREAM = ("127.0.0.1", 18000)
+PROXY = ("127.0.0.1", 18080)
+BODY = '{"ok":true,"service":"bench-upstream","message":"a fixed body of about one hundred bytes!!"}'
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+def wait_port(addr, timeout=20.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(addr, timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def port_free(addr) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=0.2):
+            return False
+    except OSError:
+        return True
+
+
+def tree(pid: int) -> list:
+    """pid and all its descendants."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / ticks
+
+
+def memory_kb(pids, key: str) -> int:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    """A process started pinned to a core, its output kept under RAW."""
+
+    def __init__(self, name, argv, env=None, cpu=PROXY_CPU, cwd=None):
+        self.name = name
+        out = open(RAW / f"{name}.log", "w")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.p = subprocess.Popen(
+            ["taskset", "-c", cpu] + argv,
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=full_env, cwd=cwd, start_new_session=True,
+        )
+
+    def pids(self):
+        return tree(self.p.pid)
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.p.wait()
+
+
+# ---------------------------------------------------------------- peers' configs
+
+def nginx_conf(name: str, server_block: str, upstream_block: str = "") -> Path:
+    d = RAW / name
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+worker_rlimit_nofile 65536;
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  {upstream_block}
+  server {{ {server_block} }}
+}}
+""")
+    return conf
+
+
+def start_upstream() -> Proc:
+    conf = nginx_conf(
+        "upstream",
+        f"listen {UPSTREAM[0]}:{UPSTREAM[1]} reuseport backlog=4096;\n"
+        f"  location / {{ default_type application/json; return 200 '{BODY}'; }}",
+    )
+    return Proc("upstream-nginx", ["nginx", "-c", str(conf)], cpu=LOAD_CPU)
+
+
+def start_nginx_proxy() -> Proc:
+    conf = nginx_conf(
+        "nginx-proxy",
+        f"listen {PROXY[0]}:{PROXY[1]} backlog=4096;\n"
+        "  location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }",
+        f"upstream backend {{ server {UPSTREAM[0]}:{UPSTREAM[1]}; keepalive 128; }}",
+    )
+    return Proc("nginx", ["nginx", "-c", str(conf)])
+
+
+def start_haproxy() -> Proc:
+    d = RAW / "haproxy"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 40000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  option http-keep-alive
+frontend fe
+  bind {PROXY[0]}:{PROXY[1]}
+  default_backend be
+backend be
+  http-reuse always
+  server s1 {UPSTREAM[0]}:{UPSTREAM[1]}
+""")
+    return Proc("haproxy", ["haproxy", "-f", str(conf)])
+
+
+def start_caddy() -> Proc:
+    d = RAW / "caddy"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "Caddyfile"
+    conf.write_text(f"""{{
+  admin off
+  auto_https off
+  persist_config off
+}}
+http://{PROXY[0]}:{PROXY[1]} {{
+  reverse_proxy {UPSTREAM[0]}:{UPSTREAM[1]}
+}}
+""")
+    return Proc("caddy", ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
+                env={"GOMAXPROCS": "1", "HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)})
+
+
+def tollgate_config(name: str, routes: int) -> Path:
+    d = RAW / name
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "server:",
+        "  threads: 1",
+        f"  pid_file: {d}/tollgate.pid",
+        f"  upgrade_sock: {d}/upgrade.sock",
+        "  grace_period_seconds: 0",
+        "  graceful_shutdown_timeout_seconds: 0",
+        f'listen: ["{PROXY[0]}:{PROXY[1]}"]',
+        "upstreams:",
+        f'  backend: {{ targets: ["{UPSTREAM[0]}:{UPSTREAM[1]}"] }}',
+        "routes:",
+    ]
+    if routes == 1:
+        lines.append("  - { name: all, path_prefix: /, upstream: backend }")
+    else:
+        for i in range(routes):
+            lines.append(f"  - {{ name: r{i}, path_prefix: /api/r{i}, upstream: backend }}")
+    conf = d / "tollgate.yaml"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def start_tollgate(name: str, routes: int) -> Callable[[], Proc]:
+    def start() -> Proc:
+        conf = tollgate_config(name, routes)
+        return Proc(name, [str(ROOT / "target/release/tollgate"), "-c", str(conf)], env={"RUST_LOG": "warn"})
+    return start
+
+
+def start_bare_pingora() -> Proc:
+    return Proc("bare-pingora", [str(ROOT / "target/release/examples/bare_pingora"),
+                                 f"{PROXY[0]}:{PROXY[1]}", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "1"])
+
+
+def start_go_gateway() -> Proc:
+    return Proc("go-gateway", [str(RAW / "go-gateway-bin"), f"{PROXY[0]}:{PROXY[1]}",
+                               f"http://{UPSTREAM[0]}:{UPSTREAM[1]}"], env={"GOMAXPROCS": "1"})
+
+
+def start_flask() -> Proc:
+    return Proc("flask-gunicorn", [sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"{PROXY[0]}:{PROXY[1]}",
+                                   "--log-level", "warning", "flask_gateway:app"],
+                env={"BACKEND_URL": f"http://{UPSTREAM[0]}:{UPSTREAM[1]}"}, cwd=str(HERE / "peers"))
+
+
+# ---------------------------------------------------------------- scenarios
+
+@dataclass
+class Scenario:
+    name: str
+    start: Optional[Callable[[], Proc]]  # None: load goes straight to the upstream
+    path: str = "/api/bench"
+    memory: bool = False  # also measure RSS idle / with 10k idle connections
+    result: dict = field(default_factory=dict)
+
+
+SCENARIOS = [
+    Scenario("direct upstream", None),
+    Scenario("tollgate pass-through", start_tollgate("tollgate", 1), memory=True),
+    Scenario("tollgate 1,000 routes", start_tollgate("tollgate-1000", 1000), path="/api/r999/bench"),
+    Scenario("bare Pingora", start_bare_pingora, memory=True),
+    Scenario("nginx", start_nginx_proxy, memory=True),
+    Scenario("HAProxy", start_haproxy, memory=True),
+    Scenario("Caddy", start_caddy),
+    Scenario("Go gateway (seed 3.1)", start_go_gateway),
+    Scenario("Flask + gunicorn (seed 3.2)", start_flask),
+]
+
+
+# ---------------------------------------------------------------- load
+
+def run_wrk(url: str, seconds: int) -> dict:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", url],
+        capture_output=True, text=True,
+    ).stdout
+    res = {"requests": 0, "rps": 0.0, "errors": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Requests/sec:"):
+            res["rps"] = float(line.split()[1])
+        elif "requests in" in line:
+            res["requests"] = int(line.split()[0])
+        elif line.startswith("Non-2xx or 3xx responses:"):
+            res["errors"] += int(line.split()[-1])
+        elif line.startswith("Socket errors:"):
+            parts = line.replace(",", "").split()
+            res["errors"] += sum(int(parts[i]) for i in (3, 5, 7, 9))
+    res["raw"] = out
+    return res
+
+
+def run_oha(url: str, rate: float, seconds: int) -> dict:
+    oha = TOOLS / "oha"
+    proc = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, str(oha), "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-q", str(int(rate)),
+         "--latency-correction", "--no-tui", "--output-format", "json", url],
+        capture_output=True, text=True,
+    )
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {"error": (proc.stderr or proc.stdout)[-500:]}
+    pct = data.get("latencyPercentiles", {})
+    codes = data.get("statusCodeDistribution", {})
+    errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(data.get("errorDistribution", {}).values())
+    return {
+        "p50_ms": (pct.get("p50") or 0) * 1000,
+        "p99_ms": (pct.get("p99") or 0) * 1000,
+        "p999_ms": (pct.get("p99.9") or 0) * 1000,
+        "achieved_rps": data.get("summary", {}).get("requestsPerSec", 0),
+        "errors": errors,
+    }
+
+
+async def hold_connections(n: int, addr, path: str) -> list:
+    """Opens n keepalive connections, each with one answered request, and
+    returns the open sockets."""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    conns = []
+
+    async def one():
+        r, w = await asyncio.open_connection(*addr)
+        w.write(request)
+        await w.drain()
+        await r.readuntil(b"\r\n\r\n")
+        return r, w
+
+    sem = asyncio.Semaphore(500)
+
+    async def guarded():
+        async with sem:
+            try:
+                conns.append(await one())
+            except OSError:
+                pass
+
+    await asyncio.gather(*(guarded() for _ in range(n)))
+    return conns
+
+
+def measure_memory(s: Scenario, proc: Proc) -> None:
+    time.sleep(0.5)
+    s.result["rss_idle_mb"] = memory_kb(proc.pids(), "VmRSS") / 1024
+    loop = asyncio.new_event_loop()
+    conns = loop.run_until_complete(hold_connections(IDLE_CONNECTIONS, PROXY, s.path))
+    time.sleep(1.0)
+    s.result["held"] = len(conns)
+    s.result["rss_10k_mb"] = memory_kb(proc.pids(), "VmRSS") / 1024
+    for _, w in conns:
+        w.close()
+    loop.run_until_complete(asyncio.sleep(0.2))
+    loop.close()
+    time.sleep(2.0)
+    s.result["rss_after_mb"] = memory_kb(proc.pids(), "VmRSS") / 1024
+
+
+def run_scenario(s: Scenario, phase: str, rate: float = 0) -> None:
+    addr = UPSTREAM if s.start is None else PROXY
+    url = f"http://{addr[0]}:{addr[1]}{s.path}"
+    proc = None
+    if s.start is not None:
+        if not port_free(PROXY):
+            raise SystemExit(f"port {PROXY[1]} is busy; stop whatever listens there")
+        proc = s.start()
+        if not wait_port(PROXY):
+            proc.stop()
+            s.result["failed"] = f"did not start; see {RAW}/{proc.name}.log"
+            log(f"{s.name}: {s.result['failed']}")
+            return
+    try:
+        if phase == "max":
+            run_wrk(url, 1)  # warm-up: connection pools, caches
+            pids = proc.pids() if proc else []
+            cpu0 = cpu_seconds(pids)
+            w = run_wrk(url, DURATION)
+            cpu1 = cpu_seconds(pids)
+            s.result.update(rps=w["rps"], errors=w["errors"], requests=w["requests"])
+            if proc and w["requests"]:
+                s.result["cpu_us"] = (cpu1 - cpu0) * 1e6 / w["requests"]
+                s.result["peak_rss_mb"] = memory_kb(proc.pids(), "VmHWM") / 1024
+            log(f"{s.name}: {w['rps']:.0f} req/s, cpu {s.result.get('cpu_us', 0):.1f} us/req, errors {w['errors']}")
+        elif phase == "latency":
+            run_wrk(url, 1)
+            o = run_oha(url, rate, LATENCY_DURATION)
+            s.result["latency"] = o
+            log(f"{s.name}: at {rate:.0f} req/s p50 {o.get('p50_ms', 0):.2f} ms p99 {o.get('p99_ms', 0):.2f} ms")
+        elif phase == "memory" and proc:
+            measure_memory(s, proc)
+            log(f"{s.name}: RSS idle {s.result['rss_idle_mb']:.1f} MB, with {s.result['held']} conns "
+                f"{s.result['rss_10k_mb']:.1f} MB, after {s.result['rss_after_mb']:.1f} MB")
+    finally:
+        if proc:
+            proc.stop()
+            time.sleep(0.3)
+
+
+# ---------------------------------------------------------------- report
+
+def ratio(value, base):
+    if not value or not base:
+        return ""
+    return f" ({value / base:.2f}x)"
+
+
+def report(scenarios, rate: float) -> str:
+    nginx = next((s.result for s in scenarios if s.name == "nginx"), {})
+    lines = [
+        f"Machine: {os.cpu_count()} cores, proxy pinned to core {PROXY_CPU}, wrk/oha and the upstream on core {LOAD_CPU}; "
+        f"{CONNECTIONS} keepalive connections; {'quick' if QUICK else 'full'} run, {DURATION} s per measurement. "
+        "Ratios are to nginx in the same run.",
+        "",
+        f"| scenario | max req/s | CPU µs/req | p50 ms | p99 ms | p99.9 ms (at {rate:.0f} req/s) | peak RSS MB | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in scenarios:
+        r = s.result
+        if "failed" in r:
+            lines.append(f"| {s.name} | failed: {r['failed']} | | | | | | |")
+            continue
+        lat = r.get("latency", {})
+        nginx_lat = nginx.get("latency", {})
+        sat = " (saturated)" if lat.get("achieved_rps", rate) < 0.95 * rate else ""
+        errors = r.get("errors", 0) + lat.get("errors", 0)
+        cpu = f"{r['cpu_us']:.1f}{ratio(r['cpu_us'], nginx.get('cpu_us'))}" if "cpu_us" in r else "–"
+        rss = f"{r['peak_rss_mb']:.1f}" if "peak_rss_mb" in r else "–"
+        lines.append(
+            f"| {s.name} | {r.get('rps', 0):,.0f}{ratio(r.get('rps'), nginx.get('rps'))} | {cpu} "
+            f"| {lat.get('p50_ms', 0):.2f}{ratio(lat.get('p50_ms'), nginx_lat.get('p50_ms'))} "
+            f"| {lat.get('p99_ms', 0):.2f}{ratio(lat.get('p99_ms'), nginx_lat.get('p99_ms'))} "
+            f"| {lat.get('p999_ms', 0):.2f}{sat} | {rss} | {errors} |"
+        )
+    mem = [s for s in scenarios if "rss_idle_mb" in s.result]
+    if mem:
+        lines += ["", f"| memory | RSS idle MB | RSS with {IDLE_CONNECTIONS:,} idle keepalive connections MB | RSS after they close MB |",
+                  "| --- | --- | --- | --- |"]
+        for s in mem:
+            r = s.result
+            lines.append(f"| {s.name} | {r['rss_idle_mb']:.1f} | {r['rss_10k_mb']:.1f} ({r['held']:,} held) | {r['rss_after_mb']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(scenarios, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no chart")
+        return
+    shown = [s for s in scenarios if "rps" in s.result]
+    names = [s.name for s in shown]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    a.barh(names, [s.result["rps"] for s in shown], color="#4a7ab7")
+    a.set_xlabel("max requests/s (one core)")
+    a.invert_yaxis()
+    with_cpu = [s for s in shown if "cpu_us" in s.result]
+    b.barh([s.name for s in with_cpu], [s.result["cpu_us"] for s in with_cpu], color="#c0504d")
+    b.set_xlabel("proxy CPU µs per request (lower is better)")
+    b.set_xscale("log")
+    b.invert_yaxis()
+    fig.suptitle("tollgate and peers, same machine, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+def main() -> None:
+    RAW.mkdir(parents=True, exist_ok=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
+    only = [n.strip() for n in os.environ.get("BENCH_ONLY", "").split(",") if n.strip()]
+    scenarios = [s for s in SCENARIOS if not only or s.name in only or s.start is None]
+    for tool in ("wrk", "taskset", "nginx"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: run benches/load/run.sh")
+
+    upstream = start_upstream()
+    if not wait_port(UPSTREAM):
+        raise SystemExit(f"upstream nginx did not start; see {RAW}/upstream-nginx.log")
+    try:
+        for s in scenarios:
+            run_scenario(s, "max")
+        by_name = {s.name: s.result for s in scenarios}
+        maxes = [by_name.get(n, {}).get("rps") for n in ("nginx", "tollgate pass-through")]
+        maxes = [m for m in maxes if m]
+        rate = 0.8 * min(maxes) if maxes else 1000
+        log(f"latency phase at {rate:.0f} req/s")
+        for s in scenarios:
+            if "failed" not in s.result:
+                run_scenario(s, "latency", rate)
+        for s in scenarios:
+            if s.memory and "failed" not in s.result:
+                run_scenario(s, "memory")
+    finally:
+        upstream.stop()
+
+    table = report(scenarios, rate)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load.md").write_text("# Load benchmark\n\n" + table)
+    (RESULTS / "load.json").write_text(json.dumps({s.name: s.result for s in scenarios}, indent=2))
+    chart(scenarios, RESULTS / "load.png")
+    if not only:
+        update_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+module tollgate.bench/go-gateway
+
+go 1.19
