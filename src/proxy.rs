@@ -373,7 +373,9 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
-        let replayable = session.req_header().method.is_idempotent()
+        // A client that went away is not a reason to ask another target.
+        let replayable = *e.esource() == ErrorSource::Upstream
+            && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);

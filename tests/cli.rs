@@ -155,3 +155,14 @@ fn admin_endpoints() {
         405
     );
 }
+
+#[test]
+fn duplicate_upstream_names_are_rejected() {
+    let text = "listen: [\"127.0.0.1:1\"]\nupstreams:\n  a: { targets: [\"127.0.0.1:2\"] }\n  a: { targets: [\"127.0.0.1:3\"] }\n";
+    let (code, _, stderr) = check_config(text);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(r#"duplicate entry with key "a""#),
+        "{stderr}"
+    );
+}

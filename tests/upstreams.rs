@@ -253,3 +253,24 @@ fn a_slow_upstream_gives_504() {
     // A fast request on the same upstream still works.
     assert_eq!(gw.get("h", "/").status, 200);
 }
+
+#[test]
+fn a_client_that_hangs_up_is_not_retried_elsewhere() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\", \"{}\"]\n    retries: 1\n",
+        a.addr, b.addr
+    )));
+    let mut conn = Connection::open(gw.addr);
+    conn.send("GET", "h", "/", &[("X-Test-Delay-Ms", "800")], b"");
+    gw.wait_until("the request reaches a target", || a.hits() + b.hits() == 1);
+    drop(conn);
+    // Give a wrong retry every chance to happen, then check it did not.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        a.hits() + b.hits(),
+        1,
+        "the request was sent again after the client left"
+    );
+    assert!(!gw.log().contains("no healthy target"), "{}", gw.log());
+}
