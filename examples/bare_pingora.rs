@@ -1,7 +1,9 @@
 //! Bench-only: the floor tollgate builds on. A Pingora `ProxyHttp` that only
 //! picks a peer (round robin over `LoadBalancer`), with no routing, no path
-//! handling, no headers and no logging. `make bench` measures tollgate's
-//! pass-through against it, so the difference is what tollgate adds.
+//! handling, no headers and no logging, with Pingora's defaults throughout
+//! (allocator, buffers). `make bench` measures tollgate's pass-through
+//! against it: the difference is what tollgate adds, less what its tuning
+//! saves.
 //!
 //! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`
 

@@ -6,7 +6,7 @@ use crate::error::GatewayError;
 use crate::observe::request_id;
 use crate::router::{normalize_path, routing_host, Lookup, Route};
 use crate::snapshot::{ConfigStore, Snapshot};
-use crate::upstream::{Cluster, HashKey, InFlight};
+use crate::upstream::{Balance, Cluster, HashKey, InFlight};
 use async_trait::async_trait;
 use http::header::{ALLOW, HOST};
 use http::{HeaderName, HeaderValue};
@@ -17,7 +17,6 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -37,7 +36,6 @@ impl Gateway {
 
 /// Per-request state, carried across phases.
 pub struct RequestCtx {
-    started: Instant,
     /// The snapshot this request uses from start to end.
     snapshot: Option<Arc<Snapshot>>,
     route: Option<usize>,
@@ -214,7 +212,6 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            started: Instant::now(),
             snapshot: None,
             route: None,
             normalized_path: None,
@@ -270,7 +267,11 @@ impl ProxyHttp for Gateway {
         };
         let cluster = Arc::clone(cluster);
         let mut ip_buf = [0u8; 16];
-        let key = hash_key(&cluster.hash_key, session, ctx, &mut ip_buf);
+        let key = if cluster.balance == Balance::ConsistentHash {
+            hash_key(&cluster.hash_key, session, ctx, &mut ip_buf)
+        } else {
+            &[]
+        };
         let Some(index) = cluster.select(key, &ctx.tried) else {
             let error = ctx.last_failure.unwrap_or(GatewayError::NoHealthyTarget);
             ctx.error = Some(error);
@@ -430,13 +431,12 @@ impl ProxyHttp for Gateway {
             let route = ctx.matched().map_or("-", |m| m.route.name.as_str());
             log::debug!(
                 target: "tollgate::access",
-                "{} {} {} route={} status={} took={:?} id={} error={}",
+                "{} {} {} route={} status={} id={} error={}",
                 client_ip(session).map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 session.req_header().method,
                 session.req_header().uri,
                 route,
                 status,
-                ctx.started.elapsed(),
                 String::from_utf8_lossy(ctx.request_id.as_bytes()),
                 e.map_or_else(|| "-".to_owned(), |e| e.to_string()),
             );

@@ -51,8 +51,12 @@ pub fn generate() -> HeaderValue {
     let mut buf = [0u8; 32];
     write_hex(&mut buf[..16], high);
     write_hex(&mut buf[16..], low);
+    // The id is cloned into the upstream request and the response; an
+    // owner-backed `Bytes` makes those clones a reference count, where a
+    // copied slice would be re-allocated on its first clone.
     // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn write_hex(out: &mut [u8], mut v: u64) {
