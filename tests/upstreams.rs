@@ -274,3 +274,17 @@ fn a_client_that_hangs_up_is_not_retried_elsewhere() {
     );
     assert!(!gw.log().contains("no healthy target"), "{}", gw.log());
 }
+
+#[test]
+fn a_garbage_reply_from_the_upstream_gives_502_json() {
+    let bad = Upstream::start("bad");
+    bad.set_garbage_reply(true);
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\"]\n    retries: 0\n",
+        bad.addr
+    )));
+    let resp = support::request(gw.addr, "POST", "h", "/", &[], b"x");
+    assert_eq!(resp.assert_gateway_error(502), "upstream_error");
+    // The gateway is still serving.
+    assert_eq!(gw.admin_get("/healthz").status, 200);
+}

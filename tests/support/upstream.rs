@@ -5,7 +5,8 @@
 //! Behaviour the tests steer:
 //! - `GET /healthz` answers 200 while healthy, 503 otherwise;
 //! - a request header `X-Test-Delay-Ms: N` delays the answer by N ms;
-//! - `close_after_read` makes it read a request and hang up without answering.
+//! - `close_after_read` makes it read a request and hang up without answering;
+//! - `garbage_reply` makes it answer with bytes that are not HTTP.
 
 #![allow(dead_code)]
 
@@ -20,6 +21,7 @@ struct State {
     name: String,
     healthy: AtomicBool,
     close_after_read: AtomicBool,
+    garbage_reply: AtomicBool,
     /// Requests answered or dropped, health checks excluded.
     hits: AtomicUsize,
     health_checks: AtomicUsize,
@@ -45,6 +47,7 @@ impl Upstream {
             name: name.to_owned(),
             healthy: AtomicBool::new(true),
             close_after_read: AtomicBool::new(false),
+            garbage_reply: AtomicBool::new(false),
             hits: AtomicUsize::new(0),
             health_checks: AtomicUsize::new(0),
         });
@@ -81,6 +84,11 @@ impl Upstream {
 
     pub fn set_close_after_read(&self, close: bool) {
         self.state.close_after_read.store(close, Ordering::SeqCst);
+    }
+
+    /// Answer requests with bytes that are not HTTP.
+    pub fn set_garbage_reply(&self, garbage: bool) {
+        self.state.garbage_reply.store(garbage, Ordering::SeqCst);
     }
 }
 
@@ -121,6 +129,10 @@ fn serve(conn: TcpStream, state: &State) {
         } else {
             state.hits.fetch_add(1, Ordering::SeqCst);
             if state.close_after_read.load(Ordering::SeqCst) {
+                return;
+            }
+            if state.garbage_reply.load(Ordering::SeqCst) {
+                let _ = writer.write_all(b"SPDY/9 banana\r\n\x00\x01\r\n\r\n");
                 return;
             }
             if let Some(ms) = head.header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
