@@ -8,6 +8,7 @@ use crate::router::{normalize_path, routing_host, Lookup, Route};
 use crate::snapshot::{ConfigStore, Snapshot};
 use crate::upstream::{Balance, Cluster, HashKey, InFlight};
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header::{ALLOW, HOST};
 use http::{HeaderName, HeaderValue};
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
@@ -20,8 +21,13 @@ use std::sync::Arc;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Names of the headers tollgate adds, as Pingora's case-preserving header
+/// names. Pingora turns a non-standard `HeaderName` into a freshly allocated
+/// title-cased copy on every insert; a static name skips that copy.
+fn case_name(name: &'static str) -> Bytes {
+    Bytes::from_static(name.as_bytes())
+}
 
 /// The gateway: a handle on the running configuration.
 pub struct Gateway {
@@ -120,6 +126,32 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr()?.as_inet().map(SocketAddr::ip)
 }
 
+/// Appends `ip` in its usual text form. IPv4, nearly every request, is
+/// written digit by digit: `Display` goes through the formatting machinery,
+/// several times the cost.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        // Writing into a String cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// The bytes a consistent-hash upstream hashes for this request.
 fn hash_key<'a>(
     key: &HashKey,
@@ -167,7 +199,7 @@ impl Gateway {
         let request_id = std::str::from_utf8(ctx.request_id.as_bytes()).unwrap_or("");
         let body = error.body(request_id);
         let mut resp = error.header(body.len());
-        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        resp.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
         if let Some(allow) = rejection.allow {
             resp.insert_header(ALLOW, allow)?;
         }
@@ -307,23 +339,22 @@ impl ProxyHttp for Gateway {
         }
 
         if let Some(ip) = client_ip(session) {
-            let mut xff = String::new();
+            let mut xff = String::with_capacity(48);
             for prior in upstream_request.headers.get_all(&X_FORWARDED_FOR) {
                 if let Ok(prior) = prior.to_str() {
                     xff.push_str(prior);
                     xff.push_str(", ");
                 }
             }
-            // Writing into a String cannot fail.
-            let _ = write!(xff, "{ip}");
-            upstream_request.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+            push_ip(&mut xff, ip);
+            upstream_request.insert_header(case_name("X-Forwarded-For"), xff)?;
         }
-        upstream_request.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
+        upstream_request.insert_header(case_name("X-Forwarded-Proto"), "http")?;
         if let Some(host) = session.req_header().headers.get(HOST) {
-            upstream_request.insert_header(X_FORWARDED_HOST.clone(), host.clone())?;
+            upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
         }
         if ctx.request_id_generated {
-            upstream_request.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+            upstream_request.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
         }
         route.request_headers.apply(upstream_request);
         Ok(())
@@ -336,7 +367,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
+        upstream_response.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
         if let Some(Matched { route, .. }) = ctx.matched() {
             route.response_headers.apply(upstream_response);
         }
@@ -460,5 +491,27 @@ impl ProxyHttp for Gateway {
                 ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
             )
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_ip_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "203.0.113.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 }

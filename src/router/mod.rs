@@ -74,10 +74,6 @@ edit_headers_for!(RequestHeader);
 edit_headers_for!(ResponseHeader);
 
 impl HeaderOps {
-    pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
-    }
-
     /// Applies remove, then set, then add.
     pub fn apply(&self, headers: &mut impl EditHeaders) {
         for name in &self.remove {

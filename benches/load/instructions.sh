@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Instructions per request of a proxy, counted by callgrind: repeatable on a
+# noisy machine where CPU time varies by +-20% between runs. The proxy runs
+# under valgrind twice, serving N1 and then N2 requests from oha against the
+# bench upstream; (Ir(N2) - Ir(N1)) / (N2 - N1) cancels start-up and shutdown.
+#
+# Usage (after benches/load/run.sh has built everything once):
+#   benches/load/instructions.sh tollgate
+#   benches/load/instructions.sh bare
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+raw=benches/results/raw
+mkdir -p "$raw"
+n1=${N1:-2000}
+n2=${N2:-8000}
+
+case "${1:-tollgate}" in
+  tollgate)
+    python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; bench.RAW.mkdir(parents=True, exist_ok=True); bench.tollgate_config("tollgate", 1)'
+    cmd=(target/release/tollgate -c "$raw/tollgate/tollgate.yaml") ;;
+  bare) cmd=(target/release/examples/bare_pingora 127.0.0.1:18080 127.0.0.1:18000 1) ;;
+  *) echo "usage: $0 tollgate|bare" >&2; exit 2 ;;
+esac
+
+python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; bench.RAW.mkdir(parents=True, exist_ok=True); bench.nginx_conf("upstream", f"listen 127.0.0.1:18000;\n  location / {{ default_type application/json; return 200 \x27{bench.BODY}\x27; }}")'
+taskset -c 1 nginx -c "$PWD/$raw/upstream/nginx.conf" &
+upstream=$!
+trap 'kill $upstream 2>/dev/null || true' EXIT
+sleep 0.5
+
+count() {
+  local n=$1 out="$raw/callgrind-$1.out"
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "${cmd[@]}" > "$raw/callgrind-$n.log" 2>&1 &
+  local proxy=$!
+  for _ in $(seq 1 150); do
+    (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break
+    sleep 0.2
+  done
+  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json http://127.0.0.1:18080/api/bench > "$raw/callgrind-oha-$n.json"
+  kill -INT $proxy
+  wait $proxy 2>/dev/null || true
+  grep -h '^summary:' "$out" | awk '{print $2}'
+}
+
+a=$(count "$n1")
+b=$(count "$n2")
+echo "$1: $(( (b - a) / (n2 - n1) )) instructions per request (callgrind, $n1 vs $n2 requests)"
