@@ -9,6 +9,8 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod keepalive;
+pub mod memory;
 pub mod observe;
 pub mod proxy;
 pub mod reload;

@@ -13,8 +13,11 @@ use pingora_core::services::listening::Service;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tollgate::admin::AdminApp;
 use tollgate::config::file::ServerSection;
+use tollgate::keepalive::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
+use tollgate::memory::ReturnMemory;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
 use tollgate::snapshot::ConfigStore;
@@ -33,6 +36,7 @@ const DOWNSTREAM_BUFFERS: L4BufferSettings = L4BufferSettings {
 /// Pingora waits out the whole grace period on a graceful stop, busy or not;
 /// its 300 s default makes every restart take five minutes.
 const DEFAULT_GRACE_SECONDS: u64 = 30;
+const DEFAULT_KEEPALIVE_SECONDS: u64 = 60;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -59,10 +63,11 @@ fn main() -> ExitCode {
     server.bootstrap();
     let store = Arc::new(store);
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(Arc::clone(&store)),
-        "tollgate",
+    let proxy = pingora_proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
+    let connections = Arc::new(ConnectionGauge::default());
+    let mut proxy = Service::new(
+        "tollgate".to_owned(),
+        LeanKeepalive::new(proxy, keepalive(&snapshot.server), Arc::clone(&connections)),
     );
     for addr in &snapshot.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));
@@ -80,6 +85,10 @@ fn main() -> ExitCode {
     server.add_service(background_service(
         "health checks",
         HealthService::new(Arc::clone(&store)),
+    ));
+    server.add_service(background_service(
+        "return memory",
+        ReturnMemory::new(connections),
     ));
     server.add_service(background_service(
         "config reload",
@@ -101,6 +110,18 @@ fn listen_list(addrs: &[std::net::SocketAddr]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Client keepalive: Pingora's 60 s idle timeout and no request limit
+/// unless the file says otherwise; 0 s turns keepalive off.
+fn keepalive(s: &ServerSection) -> KeepaliveSettings {
+    let seconds = s
+        .keepalive_timeout_seconds
+        .unwrap_or(DEFAULT_KEEPALIVE_SECONDS);
+    KeepaliveSettings {
+        idle_timeout: (seconds > 0).then(|| Duration::from_secs(seconds)),
+        request_limit: s.keepalive_request_limit,
+    }
 }
 
 /// Pingora's server settings from the `server:` section, with tollgate's

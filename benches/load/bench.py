@@ -261,10 +261,11 @@ def tollgate_config(name: str, routes: int) -> Path:
     return conf
 
 
-def start_tollgate(name: str, routes: int) -> Callable[[], Proc]:
+def start_tollgate(name: str, routes: int, binary: str = "") -> Callable[[], Proc]:
     def start() -> Proc:
         conf = tollgate_config(name, routes)
-        return Proc(name, [str(ROOT / "target/release/tollgate"), "-c", str(conf)], env={"RUST_LOG": "warn"})
+        exe = binary or str(ROOT / "target/release/tollgate")
+        return Proc(name, [exe, "-c", str(conf)], env={"RUST_LOG": "warn"})
     return start
 
 
@@ -306,6 +307,11 @@ SCENARIOS = [
     Scenario("Go gateway (seed 3.1)", start_go_gateway),
     Scenario("Flask + gunicorn (seed 3.2)", start_flask),
 ]
+# Before/after comparisons: TOLLGATE_BASE=path/to/another/tollgate adds it as
+# a scenario of its own (ab.py: BENCH_ONLY="tollgate pass-through,tollgate base").
+if os.environ.get("TOLLGATE_BASE"):
+    SCENARIOS.append(Scenario("tollgate base", start_tollgate("tollgate-base", 1, os.environ["TOLLGATE_BASE"]),
+                              memory=True))
 
 
 # ---------------------------------------------------------------- load
@@ -398,7 +404,8 @@ def measure_memory(s: Scenario, proc: Proc) -> None:
         w.close()
     loop.run_until_complete(asyncio.sleep(0.2))
     loop.close()
-    time.sleep(2.0)
+    # Long enough for tollgate's memory return, which looks every 2 s.
+    time.sleep(5.0)
     s.result["rss_after_mb"] = memory_kb(proc.pids(), "VmRSS") / 1024
 
 

@@ -80,6 +80,12 @@ pub fn compile(
     if file.server.threads == Some(0) {
         errors.add("server.threads", "must be at least 1");
     }
+    if file.server.keepalive_request_limit == Some(0) {
+        errors.add(
+            "server.keepalive_request_limit",
+            "must be at least 1 (keepalive_timeout_seconds: 0 turns keepalive off)",
+        );
+    }
 
     let mut clusters = Vec::new();
     let mut probes = Probes::new();

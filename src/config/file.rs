@@ -40,6 +40,8 @@ pub struct ServerSection {
     pub upstream_keepalive_pool_size: Option<usize>,
     pub grace_period_seconds: Option<u64>,
     pub graceful_shutdown_timeout_seconds: Option<u64>,
+    pub keepalive_timeout_seconds: Option<u64>,
+    pub keepalive_request_limit: Option<u32>,
 }
 
 /// One upstream: a named set of targets and how to spread load over them.

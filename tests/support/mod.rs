@@ -150,6 +150,21 @@ impl Connection {
             .expect("connection closed before a response")
     }
 
+    /// Whether the server closes the connection (end of stream or reset)
+    /// rather than sending anything, within [`WAIT`].
+    pub fn closed_by_server(&mut self) -> bool {
+        use std::io::Read;
+        let mut byte = [0u8; 1];
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ),
+        }
+    }
+
     pub fn read_response(&mut self) -> Response {
         let head = self.read_response_head();
         let status = head
@@ -171,6 +186,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    /// Extra `server:` lines this gateway was started with, kept for reloads.
+    server_extra: String,
     child: Child,
 }
 
@@ -191,12 +208,18 @@ impl Gateway {
     /// Starts the gateway with `body` (the upstreams and routes sections);
     /// the harness adds server, listen and admin.
     pub fn start(body: &str) -> Gateway {
+        Gateway::start_with_server("", body)
+    }
+
+    /// As [`Gateway::start`], with extra `server:` keys, one `key: value`
+    /// per line.
+    pub fn start_with_server(server_extra: &str, body: &str) -> Gateway {
         let dir = scratch_dir("gw");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config_path = dir.join("tollgate.yaml");
         let gateway_dir = dir.clone();
-        write_config(&config_path, &gateway_dir, addr, admin, body);
+        write_config(&config_path, &gateway_dir, addr, admin, server_extra, body);
         let log = std::fs::File::create(dir.join("gateway.log")).expect("log file");
         let child = Command::new(binary())
             .arg("-c")
@@ -212,6 +235,7 @@ impl Gateway {
             admin,
             dir,
             config_path,
+            server_extra: server_extra.to_owned(),
             child,
         };
         gw.wait_until("admin /healthz answers", || {
@@ -254,7 +278,14 @@ impl Gateway {
         let before = self.admin_get("/config").json()["reload_attempts"]
             .as_u64()
             .unwrap();
-        write_config(&self.config_path, &self.dir, self.addr, self.admin, body);
+        write_config(
+            &self.config_path,
+            &self.dir,
+            self.addr,
+            self.admin,
+            &self.server_extra,
+            body,
+        );
         self.signal("HUP");
         let mut status = serde_json::Value::Null;
         self.wait_until("the reload is attempted", || {
@@ -286,11 +317,25 @@ impl Drop for Gateway {
     }
 }
 
-fn write_config(path: &Path, dir: &Path, addr: SocketAddr, admin: SocketAddr, body: &str) {
-    let text = format!(
-        "server:\n  threads: 2\n  pid_file: {dir}/tollgate.pid\n  upgrade_sock: {dir}/upgrade.sock\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\nlisten: [\"{addr}\"]\nadmin: \"{admin}\"\n{body}",
+fn write_config(
+    path: &Path,
+    dir: &Path,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    server_extra: &str,
+    body: &str,
+) {
+    let mut server = format!(
+        "server:\n  threads: 2\n  pid_file: {dir}/tollgate.pid\n  upgrade_sock: {dir}/upgrade.sock\n  graceful_shutdown_timeout_seconds: 1\n",
         dir = dir.display()
     );
+    if !server_extra.contains("grace_period_seconds") {
+        server.push_str("  grace_period_seconds: 0\n");
+    }
+    for line in server_extra.lines().filter(|l| !l.trim().is_empty()) {
+        server.push_str(&format!("  {}\n", line.trim()));
+    }
+    let text = format!("{server}listen: [\"{addr}\"]\nadmin: \"{admin}\"\n{body}");
     std::fs::write(path, text).expect("write config");
 }
 

@@ -1,0 +1,186 @@
+//! Client keepalive that holds no request state while a connection is idle.
+//!
+//! Pingora's HTTP/1 loop starts the next request as soon as a response is
+//! done, so an idle keepalive connection sits inside the proxy's whole
+//! per-request future (~9 KB, boxed) with a 4 KiB header buffer allocated:
+//! ~22 KB per idle client. [`LeanKeepalive`] waits for the first bytes of
+//! the next request itself and only then hands the connection to Pingora;
+//! meanwhile the connection holds its socket, its write buffer and this
+//! module's small future (docs/performance.md, "Memory").
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::server::ShutdownWatch;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// How long a new connection may take to send its first request when
+/// keepalive is off (Pingora's own read timeout).
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client connection may sit idle before and between requests,
+/// and how many requests it may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveSettings {
+    /// `None`: close after each response.
+    pub idle_timeout: Option<Duration>,
+    /// `None`: unlimited.
+    pub request_limit: Option<u32>,
+}
+
+/// Wraps an HTTP application (tollgate's proxy) as the listening service's
+/// application, taking over Pingora's plain HTTP/1 connection loop.
+/// Anything else (TLS, HTTP/2, custom protocols) goes to Pingora's own loop.
+pub struct LeanKeepalive<A> {
+    inner: Arc<A>,
+    settings: KeepaliveSettings,
+    connections: Arc<ConnectionGauge>,
+}
+
+impl<A> LeanKeepalive<A> {
+    pub fn new(inner: A, settings: KeepaliveSettings, connections: Arc<ConnectionGauge>) -> Self {
+        LeanKeepalive {
+            inner: Arc::new(inner),
+            settings,
+            connections,
+        }
+    }
+
+    /// Pingora counts reuses, not requests (a limit of N there serves N+1),
+    /// and has no keepalive-off switch that survives its reading the
+    /// request's own `Connection` header: zero reuses is both.
+    fn reuses(&self) -> Option<u32> {
+        match self.settings.idle_timeout {
+            None => Some(0),
+            Some(_) => self.settings.request_limit.map(|n| n.saturating_sub(1)),
+        }
+    }
+
+    /// Pingora's read timeout for a request header, in whole seconds where 0
+    /// means "forever": rounded up, never 0.
+    fn header_timeout_secs(&self) -> u64 {
+        let t = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
+        (t.as_secs() + u64::from(t.subsec_nanos() > 0)).max(1)
+    }
+}
+
+impl<A: HttpServerApp> LeanKeepalive<A> {
+    fn is_plain_http1(&self, stream: &Stream) -> bool {
+        let options = self.inner.server_options();
+        stream.get_ssl_digest().is_none()
+            && matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
+            && !options.is_some_and(|o| o.h2c || o.force_custom)
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for LeanKeepalive<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _open = self.connections.open();
+        if !self.is_plain_http1(&stream) {
+            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+        }
+        // With keepalive off there is only a first request to wait for.
+        let idle_timeout = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
+        let mut carried: Option<HttpPersistentSettings> = None;
+        loop {
+            if !next_request_arrives(&mut stream, idle_timeout, shutdown).await {
+                return None;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            match carried.take() {
+                // Pingora's per-connection state, e.g. the requests left.
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => session.set_keepalive_reuses_remaining(self.reuses()),
+            }
+            // The rest of the request header must follow within the idle
+            // timeout too: on a reused connection Pingora would wait forever.
+            session.set_keepalive(Some(self.header_timeout_secs()));
+            let reused = self.inner.process_new_http(session, shutdown).await?;
+            (stream, carried) = reused.consume();
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.inner.http_cleanup().await;
+    }
+}
+
+/// Open client connections, and the most open at once since the last look:
+/// what [`crate::memory::ReturnMemory`] decides by.
+#[derive(Debug, Default)]
+pub struct ConnectionGauge {
+    open: AtomicUsize,
+    high: AtomicUsize,
+}
+
+impl ConnectionGauge {
+    fn open(&self) -> OpenConnection<'_> {
+        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.high.fetch_max(now, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    pub fn current(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The high-water mark since the previous call; starts the next period
+    /// at the current count.
+    pub fn take_high(&self) -> usize {
+        let now = self.current();
+        self.high.swap(now, Ordering::Relaxed).max(now)
+    }
+}
+
+/// Counts a connection as open until dropped, on every way out.
+struct OpenConnection<'a>(&'a ConnectionGauge);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits until the client sends something (or closes), without reading it.
+/// False when the connection should just be closed: idle too long, the
+/// server is shutting down, or the socket failed.
+///
+/// A zero-length read waits for readability and then returns at once: it
+/// consumes nothing, so Pingora's parser reads the request as usual. It
+/// costs one cheap system call per request; tokio remembers readiness, so
+/// bytes that are already there are not waited for.
+async fn next_request_arrives(
+    stream: &mut Stream,
+    idle_timeout: Duration,
+    shutdown: &ShutdownWatch,
+) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    let readable = poll_fn(|cx| {
+        let mut nothing = ReadBuf::new(&mut []);
+        Pin::new(&mut *stream).poll_read(cx, &mut nothing)
+    });
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        biased;
+        ready = pingora_timeout::fast_timeout::fast_timeout(idle_timeout, readable) => {
+            matches!(ready, Ok(Ok(())))
+        }
+        _ = shutdown.wait_for(|stopping| *stopping) => false,
+    }
+}

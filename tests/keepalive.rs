@@ -1,0 +1,146 @@
+//! Client keepalive: idle timeout, request limit, keepalive off, requests
+//! that arrive in pieces or pipelined, and idle connections at shutdown.
+
+mod support;
+
+use std::process::Command;
+use support::upstream::Upstream;
+use support::{check_config, Connection, Gateway};
+
+fn routes(up: &Upstream) -> String {
+    format!(
+        "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+        up.addr
+    )
+}
+
+fn ok(conn: &mut Connection) {
+    conn.send("GET", "h", "/", &[], b"");
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_keepalive_timeout() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start_with_server("keepalive_timeout_seconds: 1", &routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    ok(&mut conn);
+    ok(&mut conn);
+    assert!(conn.closed_by_server(), "idle connection left open");
+
+    // A client that connects and never sends is closed the same way.
+    let mut silent = Connection::open(gw.addr);
+    assert!(silent.closed_by_server(), "silent connection left open");
+
+    // So is one that starts a request on a reused connection and stalls.
+    let mut stalled = Connection::open(gw.addr);
+    ok(&mut stalled);
+    stalled.send_raw(b"GET / HT");
+    assert!(
+        stalled.closed_by_server(),
+        "stalled request header left open"
+    );
+}
+
+#[test]
+fn a_connection_carries_requests_up_to_the_limit() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start_with_server("keepalive_request_limit: 3", &routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    for _ in 0..3 {
+        ok(&mut conn);
+    }
+    assert!(conn.closed_by_server(), "connection open after 3 requests");
+    assert_eq!(up.hits(), 3);
+
+    // Without a limit, a connection keeps serving.
+    let gw = Gateway::start(&routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    for _ in 0..50 {
+        ok(&mut conn);
+    }
+}
+
+#[test]
+fn keepalive_timeout_zero_closes_after_each_response() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start_with_server("keepalive_timeout_seconds: 0", &routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    ok(&mut conn);
+    assert!(conn.closed_by_server(), "connection kept open");
+}
+
+#[test]
+fn a_request_that_arrives_in_pieces_is_served() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    ok(&mut conn);
+    // The gateway waits for the first byte of the next request, then hands
+    // the connection to the parser, which must still wait for the rest.
+    for piece in [
+        &b"G"[..],
+        b"ET /piece",
+        b"s HTTP/1.1\r\nHo",
+        b"st: h\r\n",
+        b"\r\n",
+    ] {
+        conn.send_raw(piece);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["target"], "/pieces");
+    ok(&mut conn);
+}
+
+#[test]
+fn pipelined_requests_get_the_first_answer_then_a_close() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&routes(&up));
+    let mut conn = Connection::open(gw.addr);
+    ok(&mut conn);
+    conn.send_raw(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nGET /two HTTP/1.1\r\nHost: h\r\n\r\n");
+    let first = conn.read_response();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.json()["target"], "/one");
+    // Pipelining is not enabled: the connection closes rather than hang,
+    // and the client retries /two on a new one (RFC 9112 9.3.2).
+    assert!(
+        conn.closed_by_server(),
+        "pipelined connection neither answered nor closed"
+    );
+}
+
+#[test]
+fn a_graceful_stop_closes_idle_connections_at_once() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start_with_server("grace_period_seconds: 20", &routes(&up));
+    let mut idle = Connection::open(gw.addr);
+    ok(&mut idle);
+    gw.signal("TERM");
+    assert!(
+        idle.closed_by_server(),
+        "idle connection kept open on SIGTERM"
+    );
+    // Closed by the shutdown, not by the process exiting: it is still in
+    // its grace period.
+    let alive = Command::new("kill")
+        .args(["-0", &gw.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(alive, "process exited before its grace period ended");
+}
+
+#[test]
+fn a_zero_request_limit_is_a_config_error() {
+    let (code, _, err) = check_config(
+        "server:\n  keepalive_request_limit: 0\nlisten: [\"127.0.0.1:18080\"]\nupstreams:\n  app: { targets: [\"127.0.0.1:9001\"] }\nroutes:\n  - { name: all, path_prefix: /, upstream: app }\n",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("server.keepalive_request_limit: must be at least 1"),
+        "{err}"
+    );
+}
