@@ -119,7 +119,7 @@ where
     }
 }
 
-/// Open client connections, and the most open at once since the last look:
+/// Open client connections, and the most open at once lately:
 /// what [`crate::memory::ReturnMemory`] decides by.
 #[derive(Debug, Default)]
 pub struct ConnectionGauge {
@@ -138,11 +138,14 @@ impl ConnectionGauge {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// The high-water mark since the previous call; starts the next period
-    /// at the current count.
-    pub fn take_high(&self) -> usize {
-        let now = self.current();
-        self.high.swap(now, Ordering::Relaxed).max(now)
+    /// The most connections open at once since the last [`Self::reset_high`].
+    pub fn high(&self) -> usize {
+        self.high.load(Ordering::Relaxed).max(self.current())
+    }
+
+    /// Starts a new high-water period at the current count.
+    pub fn reset_high(&self) {
+        self.high.store(self.current(), Ordering::Relaxed);
     }
 }
 

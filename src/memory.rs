@@ -6,7 +6,7 @@
 //! of it is free. `malloc_trim` returns the free pages. It walks and locks
 //! the arenas, so it runs rarely and only when it pays: when the number of
 //! open connections has fallen by at least [`TRIM_AFTER_CLOSED`] and to at
-//! most half of its recent high.
+//! most half of its high since the last trim.
 
 use crate::keepalive::ConnectionGauge;
 use async_trait::async_trait;
@@ -43,9 +43,11 @@ impl BackgroundService for ReturnMemory {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            let high = self.connections.take_high();
+            // The high holds until a trim, so a slow decline counts too.
+            let high = self.connections.high();
             let now = self.connections.current();
             if worth_trimming(high, now) {
+                self.connections.reset_high();
                 // It takes the allocator's locks for milliseconds: not on a
                 // worker thread.
                 let trimmed = tokio::task::spawn_blocking(trim).await;

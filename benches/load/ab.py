@@ -11,6 +11,7 @@ import sys
 import bench
 
 bench.DURATION = int(os.environ.get("AB_SECONDS", "5"))
+bench.ROUNDS = 1  # this script does its own rounds
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 names = [n.strip() for n in os.environ.get("BENCH_ONLY", "tollgate pass-through,bare Pingora").split(",")]
 chosen = [s for s in bench.SCENARIOS if s.name in names]
@@ -21,7 +22,7 @@ bench.wait_port(bench.UPSTREAM)
 try:
     for _ in range(rounds):
         for s in chosen:
-            s.result = {}
+            s.result, s.samples = {}, []
             bench.run_scenario(s, "max")
             samples[s.name].append((s.result.get("cpu_us", 0), s.result.get("rps", 0)))
 finally:
