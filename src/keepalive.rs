@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// How long a new connection may take to send its first request when
 /// keepalive is off (Pingora's own read timeout).
@@ -94,10 +95,10 @@ where
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         // With keepalive off there is only a first request to wait for.
-        let idle_timeout = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
+        let mut idle = IdleTimer::new(self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT));
         let mut carried: Option<HttpPersistentSettings> = None;
         loop {
-            if !next_request_arrives(&mut stream, idle_timeout, shutdown).await {
+            if !next_request_arrives(&mut stream, &mut idle, shutdown).await {
                 return None;
             }
             let mut session = ServerSession::new_http1(stream);
@@ -158,6 +159,32 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
+/// The connection's idle timer. One tokio timer lives as long as the
+/// connection and is pushed back only when it would fire too early, by an
+/// extra eighth of the timeout: a busy connection touches it every few
+/// seconds instead of registering a timer per request. A connection is
+/// thus closed between `timeout` and `timeout * 9/8` after it fell idle.
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> Self {
+        IdleTimer {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout + timeout / 8)),
+        }
+    }
+
+    fn arm(&mut self) {
+        let earliest = Instant::now() + self.timeout;
+        if self.sleep.deadline() < earliest {
+            self.sleep.as_mut().reset(earliest + self.timeout / 8);
+        }
+    }
+}
+
 /// Waits until the client sends something (or closes), without reading it.
 /// False when the connection should just be closed: idle too long, the
 /// server is shutting down, or the socket failed.
@@ -168,12 +195,13 @@ impl Drop for OpenConnection<'_> {
 /// bytes that are already there are not waited for.
 async fn next_request_arrives(
     stream: &mut Stream,
-    idle_timeout: Duration,
+    idle: &mut IdleTimer,
     shutdown: &ShutdownWatch,
 ) -> bool {
     if *shutdown.borrow() {
         return false;
     }
+    idle.arm();
     let readable = poll_fn(|cx| {
         let mut nothing = ReadBuf::new(&mut []);
         Pin::new(&mut *stream).poll_read(cx, &mut nothing)
@@ -181,9 +209,26 @@ async fn next_request_arrives(
     let mut shutdown = shutdown.clone();
     tokio::select! {
         biased;
-        ready = pingora_timeout::fast_timeout::fast_timeout(idle_timeout, readable) => {
-            matches!(ready, Ok(Ok(())))
-        }
+        ready = readable => ready.is_ok(),
+        () = idle.sleep.as_mut() => false,
         _ = shutdown.wait_for(|stopping| *stopping) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_idle_timer_is_never_early_and_rarely_reset() {
+        let timeout = Duration::from_secs(8);
+        let mut idle = IdleTimer::new(timeout);
+        let before = Instant::now();
+        idle.arm();
+        let deadline = idle.sleep.deadline();
+        assert!(deadline >= before + timeout, "would close early");
+        assert!(deadline <= Instant::now() + timeout + timeout / 8);
+        idle.arm();
+        assert_eq!(idle.sleep.deadline(), deadline, "re-armed within its slack");
     }
 }
