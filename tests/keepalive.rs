@@ -144,3 +144,52 @@ fn a_zero_request_limit_is_a_config_error() {
         "{err}"
     );
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn memory_comes_back_after_a_crowd_of_connections_leaves() {
+    const CROWD: usize = 2_000;
+    // The test and the gateway each hold a descriptor per connection.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        assert!(
+            limit.rlim_max >= 3 * CROWD as u64,
+            "open file limit too low for this test"
+        );
+        limit.rlim_cur = limit.rlim_max.min(65_536);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&routes(&up));
+    let before = rss_kib(gw.pid());
+    let mut crowd: Vec<Connection> = (0..CROWD).map(|_| Connection::open(gw.addr)).collect();
+    for conn in &mut crowd {
+        ok(conn);
+    }
+    let peak = rss_kib(gw.pid());
+    assert!(
+        peak > before + 4 * 1024,
+        "{CROWD} connections cost only {} KiB",
+        peak - before
+    );
+    drop(crowd);
+    // Without the trim, glibc keeps all of it: RSS stays at the peak.
+    let halfway = before + (peak - before) / 2;
+    gw.wait_until("RSS falls back after the crowd leaves", || {
+        rss_kib(gw.pid()) < halfway
+    });
+}
