@@ -349,7 +349,11 @@ impl ProxyHttp for Gateway {
             push_ip(&mut xff, ip);
             upstream_request.insert_header(case_name("X-Forwarded-For"), xff)?;
         }
-        upstream_request.insert_header(case_name("X-Forwarded-Proto"), "http")?;
+        // A `&str` value would be copied into a new allocation per request.
+        upstream_request.insert_header(
+            case_name("X-Forwarded-Proto"),
+            HeaderValue::from_static("http"),
+        )?;
         if let Some(host) = session.req_header().headers.get(HOST) {
             upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
         }

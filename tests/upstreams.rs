@@ -182,6 +182,32 @@ fn health_checks_eject_a_failing_target_and_bring_it_back() {
     assert_eq!(gw.admin_get("/readyz").status, 200);
 }
 
+/// An upstream with one target takes a shorter path through selection; its
+/// health still decides whether it gets traffic.
+#[test]
+fn a_lone_target_is_ejected_and_brought_back() {
+    let a = Upstream::start("a");
+    let gw = Gateway::start(&one_route(&format!(
+        "    targets: [\"{}\"]\n    health_check: {{ http_path: /healthz, interval: 100ms, healthy_after: 2, unhealthy_after: 2 }}\n",
+        a.addr
+    )));
+    gw.wait_until("health checks run", || a.health_checks() >= 2);
+    assert_eq!(tally(&gw, 5, &[])["a"], 5);
+
+    a.set_healthy(false);
+    gw.wait_until("a is ejected", || gw.get("h", "/").status == 502);
+    let before = a.hits();
+    assert_eq!(
+        gw.get("h", "/").assert_gateway_error(502),
+        "upstream_unavailable"
+    );
+    assert_eq!(a.hits(), before, "an ejected target received traffic");
+
+    a.set_healthy(true);
+    gw.wait_until("a returns", || gw.get("h", "/").status == 200);
+    assert_eq!(tally(&gw, 5, &[])["a"], 5);
+}
+
 #[test]
 fn tcp_health_check_ejects_a_closed_port() {
     let live = Upstream::start("live");

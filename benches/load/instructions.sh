@@ -7,6 +7,7 @@
 # Usage (after benches/load/run.sh has built everything once):
 #   benches/load/instructions.sh tollgate
 #   benches/load/instructions.sh bare
+#   TOLLGATE=/path/to/other/tollgate benches/load/instructions.sh tollgate
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -17,7 +18,7 @@ n2=${N2:-8000}
 case "${1:-tollgate}" in
   tollgate)
     python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; bench.RAW.mkdir(parents=True, exist_ok=True); bench.tollgate_config("tollgate", 1)'
-    cmd=(target/release/tollgate -c "$raw/tollgate/tollgate.yaml") ;;
+    cmd=("${TOLLGATE:-target/release/tollgate}" -c "$raw/tollgate/tollgate.yaml") ;;
   bare) cmd=(target/release/examples/bare_pingora 127.0.0.1:18080 127.0.0.1:18000 1) ;;
   *) echo "usage: $0 tollgate|bare" >&2; exit 2 ;;
 esac
