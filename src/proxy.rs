@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ALLOW, HOST};
 use http::{HeaderName, HeaderValue};
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -241,6 +242,11 @@ fn classify(e: &Error) -> Option<GatewayError> {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora's default registers a compression
+    /// module that is switched off, yet still costs every request two
+    /// allocations and a call per phase; tollgate does not compress.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
