@@ -117,13 +117,26 @@ fn pipelined_requests_get_the_first_answer_then_a_close() {
 fn a_graceful_stop_closes_idle_connections_at_once() {
     let up = Upstream::start("a");
     let gw = Gateway::start_with_server("grace_period_seconds: 20", &routes(&up));
+    // A connection that never sent a request, one idle after a request and
+    // one idle after several: each waits for a stop in its own state.
+    let mut silent = Connection::open(gw.addr);
     let mut idle = Connection::open(gw.addr);
     ok(&mut idle);
+    let mut used = Connection::open(gw.addr);
+    for _ in 0..3 {
+        ok(&mut used);
+    }
     gw.signal("TERM");
-    assert!(
-        idle.closed_by_server(),
-        "idle connection kept open on SIGTERM"
-    );
+    for (name, conn) in [
+        ("silent", &mut silent),
+        ("idle", &mut idle),
+        ("used", &mut used),
+    ] {
+        assert!(
+            conn.closed_by_server(),
+            "{name} connection kept open on SIGTERM"
+        );
+    }
     // Closed by the shutdown, not by the process exiting: it is still in
     // its grace period.
     let alive = Command::new("kill")
