@@ -38,7 +38,16 @@ const DOWNSTREAM_BUFFERS: L4BufferSettings = L4BufferSettings {
 const DEFAULT_GRACE_SECONDS: u64 = 30;
 const DEFAULT_KEEPALIVE_SECONDS: u64 = 60;
 
+/// Where the PID file and the upgrade socket go unless the file says
+/// otherwise: root-owned, unlike /tmp, where another user could plant a
+/// socket for the next upgrade to hand the listeners to.
+const RUN_DIR: &str = "/run/tollgate";
+
 fn main() -> ExitCode {
+    // SIGHUP's default action ends the process. Until the reload service
+    // installs its handler, a reload sent early (systemd's ExecReload right
+    // after start) would kill the gateway; ignored, it is just missed.
+    ignore_hangups_until_ready();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let mut opt = Opt::parse_args();
@@ -59,6 +68,10 @@ fn main() -> ExitCode {
     }
 
     let snapshot = store.current();
+    if let Err(e) = ensure_run_dir(&snapshot.server) {
+        eprintln!("tollgate: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&snapshot.server));
     server.bootstrap();
     let store = Arc::new(store);
@@ -134,11 +147,11 @@ fn server_conf(s: &ServerSection) -> ServerConf {
         pid_file: s
             .pid_file
             .clone()
-            .unwrap_or_else(|| "/tmp/tollgate.pid".to_owned()),
+            .unwrap_or_else(|| format!("{RUN_DIR}/tollgate.pid")),
         upgrade_sock: s
             .upgrade_sock
             .clone()
-            .unwrap_or_else(|| "/tmp/tollgate_upgrade.sock".to_owned()),
+            .unwrap_or_else(|| format!("{RUN_DIR}/upgrade.sock")),
         error_log: s.error_log.clone(),
         daemon: s.daemon.unwrap_or(false),
         user: s.user.clone(),
@@ -155,5 +168,30 @@ fn server_conf(s: &ServerSection) -> ServerConf {
             .graceful_shutdown_timeout_seconds
             .or(defaults.graceful_shutdown_timeout_seconds),
         ..defaults
+    }
+}
+
+fn ignore_hangups_until_ready() {
+    // SAFETY: setting a signal's disposition to SIG_IGN runs no handler
+    // code; tokio's handler for SIGHUP, installed later, replaces it.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
+/// Creates the default run directory when the PID file or upgrade socket
+/// lives there and it is missing (systemd's RuntimeDirectory= usually
+/// makes it first).
+fn ensure_run_dir(s: &ServerSection) -> Result<(), String> {
+    if s.pid_file.is_some() && s.upgrade_sock.is_some() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o755).create(RUN_DIR) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!(
+            "cannot create {RUN_DIR} for the PID file and upgrade socket ({e}); create it or set server.pid_file and server.upgrade_sock"
+        )),
     }
 }

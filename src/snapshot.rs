@@ -12,6 +12,7 @@ use crate::upstream::health::HealthPool;
 use crate::upstream::Cluster;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -120,14 +121,46 @@ fn load(
     previous: Option<&Snapshot>,
     health: &HealthPool,
 ) -> Result<Snapshot, ConfigErrors> {
+    // Checked before reading, so a wrong path to a huge file costs nothing.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.len() > config::MAX_FILE_BYTES {
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!(
+                    "{} is {} bytes; at most {} are read",
+                    path.display(),
+                    meta.len(),
+                    config::MAX_FILE_BYTES
+                ),
+            )]));
+        }
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read {}: {e}", path.display()),
         )])
     })?;
-    let (file, parse_errors) = config::parse_partial(&text)?;
-    let (snapshot, probes) = compile::compile(file, parse_errors, previous, health)?;
+    // A bug in the compiler must cost a reload, never the process: a panic
+    // is reported like any invalid file and the running snapshot stays.
+    let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let (file, parse_errors) = config::parse_partial(&text)?;
+        compile::compile(file, parse_errors, previous, health)
+    }));
+    let (snapshot, probes) = match compiled {
+        Ok(result) => result?,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("internal error while compiling {}: {what}", path.display()),
+            )]));
+        }
+    };
     health.retain(probes);
     Ok(snapshot)
 }

@@ -166,3 +166,87 @@ fn duplicate_upstream_names_are_rejected() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_route_conflicting_on_its_second_host_is_an_error_not_a_crash() {
+    let text = "listen: [\"127.0.0.1:1\"]\nupstreams:\n  u: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, hosts: [x.test], path: /p, upstream: u }\n  - { name: b, hosts: [y.test, x.test], path: /p, upstream: u }\n  - { name: c, hosts: [y.test], path: /p, upstream: u }\n";
+    let (code, _, stderr) = check_config(text);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(r#"routes[1]: takes the same host, path and method as route "a""#),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_deeply_nested_file_is_refused_before_parsing() {
+    let text = format!("listen: {}\n", "[".repeat(200_000));
+    let (code, _, stderr) = check_config(&text);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("nests deeper than 64 levels"), "{stderr}");
+}
+
+#[test]
+fn sighup_at_start_does_not_kill_the_gateway() {
+    // The earliest a signal can come is right after the process exists,
+    // before the reload service is up; it must not be fatal.
+    let dir = support::scratch_dir("early-hup");
+    let path = dir.join("tollgate.yaml");
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    std::fs::write(
+        &path,
+        format!(
+            "server: {{ threads: 1, pid_file: {d}/pid, upgrade_sock: {d}/sock, grace_period_seconds: 0, graceful_shutdown_timeout_seconds: 1 }}\nlisten: [\"{addr}\"]\nupstreams:\n  u: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path: /, upstream: u }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(support::binary())
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    // A signal before `main` runs cannot be helped; wait until the process
+    // has set SIGHUP aside (bit 0 of SigIgn) or already handles it.
+    let hup_set_aside = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        ["SigIgn:", "SigCgt:"].iter().any(|field| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+                .is_some_and(|mask| mask & 1 == 1)
+        })
+    };
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while !hup_set_aside() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP is never set aside"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        std::thread::yield_now();
+    }
+    for _ in 0..20 {
+        let _ = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the gateway died of an early SIGHUP"
+        );
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -3,7 +3,9 @@
 //! All checking happens here, once per load, so the request path can trust
 //! what it is given. Errors are collected, never returned at the first one.
 
-use super::file::{Balance, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
+use super::file::{
+    Balance, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, ServerSection, UpstreamSpec,
+};
 use super::values::{parse_duration, parse_listen_address, resolve_target};
 use super::{ConfigError, ConfigErrors};
 use crate::router::{
@@ -24,6 +26,16 @@ const MAX_WEIGHT: u32 = 1000;
 const MAX_TARGETS: usize = 10_000;
 /// Each retry is another connect; more than this only lengthens an outage.
 const MAX_RETRIES: u32 = 10;
+/// The sum of an upstream's weights sizes its selection table; a consistent
+/// hash ring holds 160 points per unit of weight.
+const MAX_TOTAL_WEIGHT: u64 = 100_000;
+const MAX_HASH_RING_WEIGHT: u64 = 10_000;
+/// Beyond these the server cannot start or run (thread spawn failures,
+/// timer overflow on every connection), so `-t` refuses them.
+const MAX_THREADS: u64 = 1024;
+const MAX_LISTENER_TASKS: u64 = 64;
+const MAX_POOL_SIZE: u64 = 1_000_000;
+const MAX_SERVER_SECONDS: u64 = 86_400;
 
 /// Headers that frame the message; editing them would desynchronize the
 /// client, the gateway and the upstream about where a message ends.
@@ -77,15 +89,7 @@ pub fn compile(
                 None
             }
         });
-    if file.server.threads == Some(0) {
-        errors.add("server.threads", "must be at least 1");
-    }
-    if file.server.keepalive_request_limit == Some(0) {
-        errors.add(
-            "server.keepalive_request_limit",
-            "must be at least 1 (keepalive_timeout_seconds: 0 turns keepalive off)",
-        );
-    }
+    check_server(&file.server, &mut errors);
 
     let mut clusters = Vec::new();
     let mut probes = Probes::new();
@@ -136,24 +140,28 @@ pub fn compile(
                 continue;
             }
         };
-        let route_number = routes.len();
-        let mut conflict = None;
-        for host in &keys.hosts {
-            if let Err(c) = index.insert(host, &keys.path, keys.methods.as_deref(), route_number) {
-                conflict = Some(c.existing);
-                break;
-            }
-        }
-        if let Some(existing) = conflict {
-            let other: &Route = &routes[existing];
+        // Every host is checked before any is inserted: a conflict on a
+        // later host must not leave the earlier ones in the index.
+        let conflict = keys
+            .hosts
+            .iter()
+            .find_map(|host| index.conflict(host, &keys.path, keys.methods.as_deref()));
+        if let Some(conflict) = conflict {
+            let other = routes
+                .get(conflict.existing)
+                .map_or("(unknown)", |r: &Route| r.name.as_str());
             errors.add(
                 &at,
                 format!(
-                    "takes the same host, path and method as route {:?}; one of them would never be used",
-                    other.name
+                    "takes the same host, path and method as route {other:?}; one of them would never be used"
                 ),
             );
             continue;
+        }
+        let route_number = routes.len();
+        for host in &keys.hosts {
+            // Cannot conflict: checked above, and a route's hosts are distinct.
+            let _ = index.insert(host, &keys.path, keys.methods.as_deref(), route_number);
         }
         let request_headers = compile_header_ops(
             &format!("{at}.request_headers"),
@@ -189,6 +197,63 @@ pub fn compile(
         server: file.server,
     };
     Ok((snapshot, probes))
+}
+
+/// Bounds on `server:` values that `-t` must refuse because the server
+/// could not run with them (a panic per connection, a hang at start, a
+/// listener that accepts nothing).
+fn check_server(server: &ServerSection, errors: &mut Errors) {
+    if server.keepalive_request_limit == Some(0) {
+        errors.add(
+            "server.keepalive_request_limit",
+            "must be at least 1 (keepalive_timeout_seconds: 0 turns keepalive off)",
+        );
+    }
+    let mut bounded = |key: &str, value: Option<u64>, low: u64, high: u64, why: &str| {
+        if let Some(v) = value.filter(|v| !(low..=high).contains(v)) {
+            errors.add(
+                format!("server.{key}"),
+                format!("{v} is out of range: must be between {low} and {high}{why}"),
+            );
+        }
+    };
+    let as_u64 = |v: Option<usize>| v.map(|v| v as u64);
+    bounded("threads", as_u64(server.threads), 1, MAX_THREADS, "");
+    bounded(
+        "listener_tasks_per_fd",
+        as_u64(server.listener_tasks_per_fd),
+        1,
+        MAX_LISTENER_TASKS,
+        "",
+    );
+    bounded(
+        "upstream_keepalive_pool_size",
+        as_u64(server.upstream_keepalive_pool_size),
+        0,
+        MAX_POOL_SIZE,
+        "",
+    );
+    bounded(
+        "keepalive_timeout_seconds",
+        server.keepalive_timeout_seconds,
+        0,
+        MAX_SERVER_SECONDS,
+        " (0 turns keepalive off)",
+    );
+    bounded(
+        "grace_period_seconds",
+        server.grace_period_seconds,
+        0,
+        MAX_SERVER_SECONDS,
+        "",
+    );
+    bounded(
+        "graceful_shutdown_timeout_seconds",
+        server.graceful_shutdown_timeout_seconds,
+        0,
+        MAX_SERVER_SECONDS,
+        "",
+    );
 }
 
 fn compile_listen(file: &FileConfig, errors: &mut Errors) -> Vec<SocketAddr> {
@@ -270,6 +335,18 @@ fn compile_upstream(
             }
             Err(e) => errors.add(&t_at, e),
         }
+    }
+    let total_weight: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+    let weight_bound = if spec.balance == Balance::ConsistentHash {
+        MAX_HASH_RING_WEIGHT
+    } else {
+        MAX_TOTAL_WEIGHT
+    };
+    if total_weight > weight_bound {
+        errors.add(
+            format!("{at}.targets"),
+            format!("the weights add up to {total_weight}; at most {weight_bound} for this balance mode"),
+        );
     }
     if targets.len() > MAX_TARGETS {
         errors.add(
@@ -510,6 +587,18 @@ fn compile_route_keys(at: &str, spec: &RouteSpec, errors: &mut Errors) -> Option
 /// Config paths must already be in normal form: a route written for a path
 /// no request can normalize to would silently never match.
 fn compile_path(at: &str, path: &str, errors: &mut Errors) -> Option<String> {
+    // A request path never holds these: `?` and `#` end it, a space ends
+    // the request target, and non-ASCII arrives percent-encoded.
+    if let Some(c) = path
+        .chars()
+        .find(|c| matches!(c, '?' | '#' | ' ') || !c.is_ascii())
+    {
+        errors.add(
+            at,
+            format!("{path:?} contains {c:?}, which no request path can match; percent-encode it"),
+        );
+        return None;
+    }
     match normalize_path(path) {
         Ok(normal) if normal == path => Some(path.to_owned()),
         Ok(normal) => {
@@ -678,6 +767,48 @@ routes:
             errors[0].starts_with("routes[1]: takes the same host"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn a_conflict_on_a_later_host_leaves_no_trace() {
+        // Route b conflicts with a on its second host; c then shares only
+        // b's first host, which must not point at the dropped route b.
+        let text = format!(
+            "{BASE}routes:\n  - {{ name: a, hosts: [x.test], path: /p, upstream: users }}\n  - {{ name: b, hosts: [y.test, x.test], path: /p, upstream: users }}\n  - {{ name: c, hosts: [y.test], path: /p, upstream: users }}\n"
+        );
+        let errors = compile_text(&text).unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                r#"routes[1]: takes the same host, path and method as route "a"; one of them would never be used"#
+            ]
+        );
+    }
+
+    #[test]
+    fn values_the_server_cannot_run_with_are_refused() {
+        let ring: Vec<String> = (0..11)
+            .map(|i| format!("{{ address: \"127.0.0.1:{}\", weight: 1000 }}", 10 + i))
+            .collect();
+        let text = format!(
+            "server: {{ threads: 100000, keepalive_timeout_seconds: 18446744073709551615, listener_tasks_per_fd: 0 }}\nlisten: [\"127.0.0.1:1\"]\nupstreams:\n  users: {{ targets: [\"127.0.0.1:2\"] }}\n  h: {{ balance: consistent_hash, targets: [{}] }}\nroutes:\n  - {{ name: a, path: \"/a?b\", upstream: users }}\n  - {{ name: b, path: \"/caf\u{e9}\", upstream: users }}\n  - {{ name: c, path: \"/a b\", upstream: users }}\n",
+            ring.join(", ")
+        );
+        let errors = compile_text(&text).unwrap_err();
+        for expect in [
+            "server.threads: 100000 is out of range",
+            "server.listener_tasks_per_fd: 0 is out of range",
+            "server.keepalive_timeout_seconds: 18446744073709551615 is out of range",
+            "upstreams.h.targets: the weights add up to 11000",
+            "routes[0].path: \"/a?b\" contains '?'",
+            "routes[1].path: \"/caf\u{e9}\" contains '\u{e9}'",
+            "routes[2].path: \"/a b\" contains ' '",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expect)),
+                "missing {expect:?} in {errors:#?}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub fn parse(text: &str) -> Result<FileConfig, ConfigErrors> {
 /// validation can still report problems in the well-formed parts. Fails
 /// outright only when the file is not YAML or not a mapping.
 pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), ConfigErrors> {
+    check_shape(text).map_err(|e| ConfigErrors(vec![ConfigError::new("", e)]))?;
     let root: Value = serde_yaml::from_str(text)
         .map_err(|e| ConfigErrors(vec![ConfigError::new("", format!("invalid YAML: {e}"))]))?;
     let mut errors = Vec::new();
@@ -122,6 +123,73 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
         }
     }
     Ok((config, errors))
+}
+
+/// The largest config file read: real ones are a few hundred kilobytes at
+/// 10,000 routes.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// The deepest nesting accepted; the schema itself needs about six levels.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses, before the YAML parser sees it, a file too large or nested too
+/// deep: the parser's time grows steeply with nesting (a 200 KB file of
+/// brackets took 40 s of CPU to refuse), and a reload must stay cheap.
+///
+/// The depth counted is an upper bound of the real one: open flow brackets
+/// plus block levels (indentation steps and `- ` entries on a line), with
+/// quoted text and comments skipped.
+pub fn check_shape(text: &str) -> Result<(), String> {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "the file is {} bytes; at most {MAX_FILE_BYTES} are read",
+            text.len()
+        ));
+    }
+    let too_deep = || format!("the file nests deeper than {MAX_DEPTH} levels");
+    let mut flow = 0usize;
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let content = line.trim_start_matches(' ');
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let mut depth_here = 0;
+        if flow == 0 {
+            let indent = line.len() - content.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            let mut rest = content;
+            while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")) {
+                depth_here += 1;
+                rest = r.trim_start_matches(' ');
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in content.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '"' | '\'' => quote = Some(c),
+                    '#' if prev == ' ' => break,
+                    '[' | '{' => flow += 1,
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            if indents.len() + depth_here + flow > MAX_DEPTH {
+                return Err(too_deep());
+            }
+            prev = c;
+        }
+        if indents.len() + depth_here + flow > MAX_DEPTH {
+            return Err(too_deep());
+        }
+    }
+    Ok(())
 }
 
 /// Deserializes one subtree, recording an error under `location` extended
@@ -224,6 +292,28 @@ routes:
             shown[2].starts_with("routes[0].colour: unknown field"),
             "{shown:#?}"
         );
+    }
+
+    #[test]
+    fn huge_or_deeply_nested_files_are_refused_before_parsing() {
+        let brackets = format!("listen: {}", "[".repeat(100_000));
+        let err = parse(&brackets).unwrap_err().to_string();
+        assert!(err.contains("nests deeper than 64"), "{err}");
+        let mut blocks = String::from("listen:\n");
+        for i in 1..80 {
+            blocks.push_str(&" ".repeat(i));
+            blocks.push_str("a:\n");
+        }
+        let err = parse(&blocks).unwrap_err().to_string();
+        assert!(err.contains("nests deeper than 64"), "{err}");
+        let dashes = format!("listen: \n{}x\n", "- ".repeat(70));
+        assert!(parse(&dashes).is_err());
+        let big = format!("# {}\n", "x".repeat(5 << 20));
+        let err = parse(&big).unwrap_err().to_string();
+        assert!(err.contains("at most 4194304"), "{err}");
+        // Brackets inside quotes and comments are text, not nesting.
+        let quoted = format!("listen: [\"{}\"] # {}\n", "[".repeat(100), "{".repeat(100));
+        assert!(check_shape(&quoted).is_ok());
     }
 
     #[test]

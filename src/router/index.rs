@@ -37,12 +37,12 @@ pub enum PathPattern {
 
 /// The result of a lookup.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Lookup<'a> {
+pub enum Lookup {
     /// The index of the matched route, as given to [`RouteIndexBuilder::insert`].
     Route(usize),
     /// Some route matched host and path but not the method; the value is the
-    /// `Allow` header of the most specific such route set.
-    MethodNotAllowed(&'a HeaderValue),
+    /// `Allow` header: the methods of every route matching host and path.
+    MethodNotAllowed(HeaderValue),
     NotFound,
 }
 
@@ -52,7 +52,6 @@ struct MethodSet {
     /// Routes with a method list come before a route without one, so an
     /// explicit method wins over "any method".
     entries: Vec<(Option<Vec<Method>>, usize)>,
-    allow: HeaderValue,
 }
 
 impl MethodSet {
@@ -71,21 +70,15 @@ struct PathTable {
 }
 
 impl PathTable {
-    fn find<'a>(
+    /// Visits the route sets whose path matches, most specific first,
+    /// until `visit` returns a route.
+    fn walk<'a>(
         &'a self,
         path: &str,
-        method: &Method,
-        allow: &mut Option<&'a HeaderValue>,
+        mut visit: impl FnMut(&'a MethodSet) -> Option<usize>,
     ) -> Option<usize> {
-        let mut check = |set: &'a MethodSet| match set.find(method) {
-            Some(route) => Some(route),
-            None => {
-                allow.get_or_insert(&set.allow);
-                None
-            }
-        };
         if !self.exact.is_empty() {
-            if let Some(found) = self.exact.get(path).and_then(&mut check) {
+            if let Some(found) = self.exact.get(path).and_then(&mut visit) {
                 return Some(found);
             }
         }
@@ -95,7 +88,7 @@ impl PathTable {
         // Walk the segment boundaries from the longest candidate down to "/".
         let mut end = path.len();
         loop {
-            if let Some(found) = self.prefix.get(&path[..end]).and_then(&mut check) {
+            if let Some(found) = self.prefix.get(&path[..end]).and_then(&mut visit) {
                 return Some(found);
             }
             if end <= 1 {
@@ -121,12 +114,43 @@ pub struct RouteIndex {
 impl RouteIndex {
     /// Finds the most specific route for a request. `host` is the request's
     /// host, lower-case and without port; `path` is the normalized path.
-    pub fn lookup(&self, host: Option<&str>, path: &str, method: &Method) -> Lookup<'_> {
-        let mut allow = None;
+    pub fn lookup(&self, host: Option<&str>, path: &str, method: &Method) -> Lookup {
+        let mut path_matched = false;
+        let found = self.walk(host, path, |set| {
+            path_matched = true;
+            set.find(method)
+        });
+        match found {
+            Some(route) => Lookup::Route(route),
+            // Rare, so the union of methods is only gathered here.
+            None if path_matched => Lookup::MethodNotAllowed(self.allowed(host, path)),
+            None => Lookup::NotFound,
+        }
+    }
+
+    /// The `Allow` value for a host and path: every method of every route
+    /// set that matches them, at any level of host or path specificity.
+    fn allowed(&self, host: Option<&str>, path: &str) -> HeaderValue {
+        let mut methods: Vec<&Method> = Vec::new();
+        self.walk(host, path, |set| {
+            methods.extend(set.entries.iter().flat_map(|(m, _)| m.iter().flatten()));
+            None
+        });
+        allow_header(methods)
+    }
+
+    /// Visits matching route sets in precedence order: exact host, then
+    /// wildcard hosts by longest suffix, then any host.
+    fn walk<'a>(
+        &'a self,
+        host: Option<&str>,
+        path: &str,
+        mut visit: impl FnMut(&'a MethodSet) -> Option<usize>,
+    ) -> Option<usize> {
         if let Some(host) = host {
             if let Some(table) = self.exact_hosts.get(host) {
-                if let Some(route) = table.find(path, method, &mut allow) {
-                    return Lookup::Route(route);
+                if let Some(route) = table.walk(path, &mut visit) {
+                    return Some(route);
                 }
             }
             if !self.wildcard_hosts.is_empty() {
@@ -134,20 +158,14 @@ impl RouteIndex {
                 // .b.example.org, then .example.org, then .org.
                 for (i, _) in host.match_indices('.') {
                     if let Some(table) = self.wildcard_hosts.get(&host[i..]) {
-                        if let Some(route) = table.find(path, method, &mut allow) {
-                            return Lookup::Route(route);
+                        if let Some(route) = table.walk(path, &mut visit) {
+                            return Some(route);
                         }
                     }
                 }
             }
         }
-        if let Some(route) = self.any_host.find(path, method, &mut allow) {
-            return Lookup::Route(route);
-        }
-        match allow {
-            Some(allow) => Lookup::MethodNotAllowed(allow),
-            None => Lookup::NotFound,
-        }
+        self.any_host.walk(path, &mut visit)
     }
 }
 
@@ -165,9 +183,37 @@ pub struct RouteIndexBuilder {
 }
 
 impl RouteIndexBuilder {
-    /// Adds route number `route` under one host pattern. `methods: None`
-    /// means any method. Fails if an earlier route already takes the same
-    /// host, path and (some of the same) methods.
+    /// The route already taking `host`, `path` and one of `methods`, if any.
+    /// `methods: None` means any method.
+    pub fn conflict(
+        &self,
+        host: &HostPattern,
+        path: &PathPattern,
+        methods: Option<&[Method]>,
+    ) -> Option<Conflict> {
+        let table = match host {
+            HostPattern::Exact(h) => self.index.exact_hosts.get(h.as_str())?,
+            HostPattern::Wildcard(s) => self.index.wildcard_hosts.get(s.as_str())?,
+            HostPattern::Any => &self.index.any_host,
+        };
+        let set = match path {
+            PathPattern::Exact(p) => table.exact.get(p.as_str())?,
+            PathPattern::Prefix(p) => table.prefix.get(p.as_str())?,
+        };
+        set.entries
+            .iter()
+            .find(|(existing, _)| match (existing, methods) {
+                (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+                _ => existing.is_none() && methods.is_none(),
+            })
+            .map(|&(_, existing)| Conflict { existing })
+    }
+
+    /// Adds route number `route` under one host pattern. Fails, adding
+    /// nothing, if an earlier route already takes the same host, path and
+    /// (some of the same) methods. A route with several hosts must check
+    /// them all with [`Self::conflict`] first, or a conflict on a later host
+    /// leaves the earlier ones pointing at a route that was never added.
     pub fn insert(
         &mut self,
         host: &HostPattern,
@@ -175,6 +221,9 @@ impl RouteIndexBuilder {
         methods: Option<&[Method]>,
         route: usize,
     ) -> Result<(), Conflict> {
+        if let Some(conflict) = self.conflict(host, path, methods) {
+            return Err(conflict);
+        }
         let table = match host {
             HostPattern::Exact(h) => self.index.exact_hosts.entry(h.as_str().into()).or_default(),
             HostPattern::Wildcard(s) => self
@@ -190,22 +239,9 @@ impl RouteIndexBuilder {
         };
         let set = map.entry(key.as_str().into()).or_insert_with(|| MethodSet {
             entries: Vec::new(),
-            allow: HeaderValue::from_static(""),
         });
-        for (existing_methods, existing) in &set.entries {
-            let overlaps = match (existing_methods, methods) {
-                (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
-                _ => existing_methods.is_none() && methods.is_none(),
-            };
-            if overlaps {
-                return Err(Conflict {
-                    existing: *existing,
-                });
-            }
-        }
         set.entries.push((methods.map(<[Method]>::to_vec), route));
         set.entries.sort_by_key(|(m, _)| m.is_none());
-        set.allow = allow_header(&set.entries);
         Ok(())
     }
 
@@ -214,14 +250,9 @@ impl RouteIndexBuilder {
     }
 }
 
-/// The `Allow` value for a route set: the union of its methods in a stable
-/// order. A set is only ever asked for it when every entry has a method list.
-fn allow_header(entries: &[(Option<Vec<Method>>, usize)]) -> HeaderValue {
-    let mut methods: Vec<&str> = entries
-        .iter()
-        .flat_map(|(m, _)| m.iter().flatten())
-        .map(Method::as_str)
-        .collect();
+/// An `Allow` value: the methods, each once, in a stable order.
+fn allow_header(methods: Vec<&Method>) -> HeaderValue {
+    let mut methods: Vec<&str> = methods.into_iter().map(Method::as_str).collect();
     methods.sort_unstable();
     methods.dedup();
     // Method names are tokens, so the joined list is always a valid value.
@@ -326,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn method_mismatch_gives_allow_of_the_most_specific_set() {
+    fn method_mismatch_gives_allow_of_every_matching_route() {
         let get: &[Method] = &[Method::GET];
         let post: &[Method] = &[Method::POST, Method::PUT];
         let idx = index(&[
@@ -338,6 +369,40 @@ mod tests {
             Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, POST, PUT"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn allow_is_the_union_across_hosts_and_prefixes() {
+        let get: &[Method] = &[Method::GET];
+        let post: &[Method] = &[Method::POST];
+        let put: &[Method] = &[Method::PUT];
+        let idx = index(&[
+            (exact("api.example.com"), prefix("/a"), Some(get)),
+            (HostPattern::Any, prefix("/a/b"), Some(post)),
+            (HostPattern::Any, prefix("/other"), Some(put)),
+        ]);
+        // POST is served there by the any-host route, so Allow must say so.
+        assert_eq!(
+            idx.lookup(Some("api.example.com"), "/a/b", &Method::POST),
+            Lookup::Route(1)
+        );
+        match idx.lookup(Some("api.example.com"), "/a/b", &Method::DELETE) {
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, POST"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_insert_adds_nothing() {
+        let mut b = RouteIndexBuilder::default();
+        b.insert(&exact("x"), &path("/p"), None, 0).unwrap();
+        assert!(b.conflict(&exact("y"), &path("/p"), None).is_none());
+        assert_eq!(
+            b.conflict(&exact("x"), &path("/p"), None),
+            Some(Conflict { existing: 0 })
+        );
+        let idx = b.build();
+        assert_eq!(idx.lookup(Some("y"), "/p", &Method::GET), Lookup::NotFound);
     }
 
     #[test]
