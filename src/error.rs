@@ -11,6 +11,14 @@ pub enum GatewayError {
     BadRequest(&'static str),
     NoRoute,
     MethodNotAllowed,
+    /// The client took too long to send the request head or body.
+    RequestTimeout,
+    BodyTooLarge,
+    UriTooLong,
+    HeaderTooLarge(&'static str),
+    /// A transfer coding other than chunked.
+    NotImplemented(&'static str),
+    VersionNotSupported,
     NoHealthyTarget,
     ConnectFailed,
     UpstreamError,
@@ -24,6 +32,12 @@ impl GatewayError {
             GatewayError::BadRequest(_) => 400,
             GatewayError::NoRoute => 404,
             GatewayError::MethodNotAllowed => 405,
+            GatewayError::RequestTimeout => 408,
+            GatewayError::BodyTooLarge => 413,
+            GatewayError::UriTooLong => 414,
+            GatewayError::HeaderTooLarge(_) => 431,
+            GatewayError::NotImplemented(_) => 501,
+            GatewayError::VersionNotSupported => 505,
             GatewayError::NoHealthyTarget
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamError => 502,
@@ -38,6 +52,12 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::NoRoute => "no_route",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::RequestTimeout => "request_timeout",
+            GatewayError::BodyTooLarge => "body_too_large",
+            GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::HeaderTooLarge(_) => "header_too_large",
+            GatewayError::NotImplemented(_) => "not_implemented",
+            GatewayError::VersionNotSupported => "http_version_not_supported",
             GatewayError::NoHealthyTarget | GatewayError::ConnectFailed => "upstream_unavailable",
             GatewayError::UpstreamError => "upstream_error",
             GatewayError::UpstreamTimeout => "upstream_timeout",
@@ -48,9 +68,15 @@ impl GatewayError {
     /// The human-readable explanation.
     pub fn message(self) -> &'static str {
         match self {
-            GatewayError::BadRequest(why) => why,
+            GatewayError::BadRequest(why)
+            | GatewayError::HeaderTooLarge(why)
+            | GatewayError::NotImplemented(why) => why,
             GatewayError::NoRoute => "no route matches this request",
             GatewayError::MethodNotAllowed => "the route does not accept this method",
+            GatewayError::RequestTimeout => "the request was not received in time",
+            GatewayError::BodyTooLarge => "the request body is larger than allowed",
+            GatewayError::UriTooLong => "the request target is longer than allowed",
+            GatewayError::VersionNotSupported => "only HTTP/1.0 and HTTP/1.1 are supported",
             GatewayError::NoHealthyTarget => "the upstream has no healthy target",
             GatewayError::ConnectFailed => "could not connect to the upstream",
             GatewayError::UpstreamError => "the upstream failed while answering",
@@ -70,6 +96,33 @@ impl GatewayError {
             }
         });
         Bytes::from(body.to_string())
+    }
+
+    /// The whole response as bytes, for the connection loop, which answers
+    /// before Pingora has a session to write through. It always closes the
+    /// connection: a request whose head was refused leaves the framing of
+    /// what follows unknown.
+    pub fn raw_response(self, request_id: &str, head_only: bool, allow: Option<&str>) -> Vec<u8> {
+        let body = self.body(request_id);
+        let status = http::StatusCode::from_u16(self.status()).ok();
+        let reason = status.and_then(|s| s.canonical_reason()).unwrap_or("");
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n",
+                self.status(),
+                body.len()
+            )
+            .as_bytes(),
+        );
+        if let Some(allow) = allow {
+            out.extend_from_slice(format!("Allow: {allow}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&body);
+        }
+        out
     }
 
     /// The response header for a body of `len` bytes.

@@ -8,8 +8,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod downstream;
 pub mod error;
-pub mod keepalive;
 pub mod memory;
 pub mod observe;
 pub mod proxy;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate::admin::AdminApp;
 use tollgate::config::file::ServerSection;
-use tollgate::keepalive::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
+use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::memory::ReturnMemory;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
@@ -80,7 +80,15 @@ fn main() -> ExitCode {
     let connections = Arc::new(ConnectionGauge::default());
     let mut proxy = Service::new(
         "tollgate".to_owned(),
-        LeanKeepalive::new(proxy, keepalive(&snapshot.server), Arc::clone(&connections)),
+        LeanKeepalive::new(
+            proxy,
+            keepalive(&snapshot.server),
+            Arc::clone(&connections),
+            {
+                let store = Arc::clone(&store);
+                Arc::new(move || store.limits())
+            },
+        ),
     );
     for addr in &snapshot.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));

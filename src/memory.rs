@@ -8,7 +8,7 @@
 //! open connections has fallen by at least [`TRIM_AFTER_CLOSED`] and to at
 //! most half of its high since the last trim.
 
-use crate::keepalive::ConnectionGauge;
+use crate::downstream::ConnectionGauge;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;

@@ -2,15 +2,16 @@
 //! sequence of named steps. Read top to bottom, it is the request's path
 //! through the gateway.
 
+use crate::downstream::stream::RequestStream;
 use crate::error::GatewayError;
 use crate::observe::request_id;
-use crate::router::{normalize_path, routing_host, Lookup, Route};
+use crate::router::{normalize_path, routing_host, without_parameters, Lookup, Route};
 use crate::snapshot::{ConfigStore, Snapshot};
 use crate::upstream::{Balance, Cluster, HashKey, InFlight};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{ALLOW, HOST};
-use http::{HeaderName, HeaderValue};
+use http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderName, HeaderValue, Version};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
@@ -19,6 +20,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -48,6 +50,14 @@ pub struct RequestCtx {
     route: Option<usize>,
     /// The normalized path, when it differs from the request's own.
     normalized_path: Option<String>,
+    /// The path carries `;parameters`, so it was matched without them and
+    /// a stripped prefix is cut by segments.
+    path_parameters: bool,
+    /// Request body bytes seen so far, against the route's limit.
+    body_bytes: u64,
+    /// When interim (1xx) responses stop counting as an answer: the
+    /// upstream's read timeout, from the first one.
+    interim_deadline: Option<std::time::Instant>,
     request_id: HeaderValue,
     /// Whether `request_id` replaces what the client sent (or did not send).
     request_id_generated: bool,
@@ -106,7 +116,16 @@ fn route_request(
         None => req.uri.host(),
     };
     let host = host.and_then(routing_host);
-    match snapshot.index.lookup(host.as_deref(), &path, &req.method) {
+    // A path with `;` always takes normalization's slow path, so only an
+    // owned path can carry parameters.
+    let matched = match &path {
+        std::borrow::Cow::Owned(p) => without_parameters(p),
+        std::borrow::Cow::Borrowed(p) => std::borrow::Cow::Borrowed(*p),
+    };
+    match snapshot
+        .index
+        .lookup(host.as_deref(), &matched, &req.method)
+    {
         Lookup::Route(route) => {
             let normalized = match path {
                 std::borrow::Cow::Owned(p) => Some(p),
@@ -116,7 +135,7 @@ fn route_request(
         }
         Lookup::MethodNotAllowed(allow) => Err(Rejection {
             error: GatewayError::MethodNotAllowed,
-            allow: Some(allow.clone()),
+            allow: Some(allow),
         }),
         Lookup::NotFound => Err(GatewayError::NoRoute.into()),
     }
@@ -187,7 +206,64 @@ fn hash_key<'a>(
     }
 }
 
+/// A body declared larger than the route accepts is refused before any of
+/// it is read or forwarded.
+fn check_body_size(route: &Route, req: &RequestHeader) -> std::result::Result<(), Rejection> {
+    let declared = req
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > route.max_body_bytes => Err(GatewayError::BodyTooLarge.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a `Connection` value lists `token`.
+fn connection_lists(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Response headers that describe one hop, never relayed (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "trailer" | "te" | "upgrade"
+    )
+}
+
 impl Gateway {
+    /// Rules of the client's protocol version for a request about to be
+    /// proxied: only WebSocket routes upgrade, and only from an HTTP/1.1
+    /// request that asks with `Connection: upgrade`; an HTTP/1.0 client
+    /// gets no interim responses.
+    fn apply_protocol_rules(&self, session: &mut Session, ctx: &RequestCtx) {
+        let req = session.req_header();
+        let http10 = req.version == Version::HTTP_10;
+        if req.headers.contains_key(UPGRADE) {
+            let allowed = ctx.matched().is_some_and(|m| m.route.websocket)
+                && req.version == Version::HTTP_11
+                && req
+                    .headers
+                    .get_all(CONNECTION)
+                    .iter()
+                    .any(|v| connection_lists(v, "upgrade"));
+            if !allowed {
+                // Without it Pingora treats the request as an ordinary one,
+                // and a 101 answering it as the upstream's error.
+                session.req_header_mut().remove_header(&UPGRADE);
+            }
+        }
+        if http10 {
+            session.req_header_mut().remove_header(&EXPECT);
+            session.set_ignore_info_resp(true);
+        }
+    }
+
     /// Writes a gateway-made JSON response.
     async fn respond(
         &self,
@@ -222,6 +298,8 @@ fn classify(e: &Error) -> Option<GatewayError> {
         (_, HTTPStatus(502)) => Some(GatewayError::UpstreamError),
         (_, HTTPStatus(504)) => Some(GatewayError::UpstreamTimeout),
         (_, HTTPStatus(400)) => Some(GatewayError::BadRequest("the request is malformed")),
+        (_, HTTPStatus(408)) => Some(GatewayError::RequestTimeout),
+        (_, HTTPStatus(413)) => Some(GatewayError::BodyTooLarge),
         (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
             Some(GatewayError::UpstreamTimeout)
         }
@@ -233,7 +311,9 @@ fn classify(e: &Error) -> Option<GatewayError> {
         (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamError),
         // The client went away: nobody is left to answer.
         (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
-        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+        // The client stopped sending its body: its fault, and answered.
+        (ErrorSource::Downstream, ReadTimedout) => Some(GatewayError::RequestTimeout),
+        (ErrorSource::Downstream, WriteTimedout) => None,
         (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest("the request is malformed")),
         _ => Some(GatewayError::Internal),
     }
@@ -253,6 +333,9 @@ impl ProxyHttp for Gateway {
             snapshot: None,
             route: None,
             normalized_path: None,
+            path_parameters: false,
+            body_bytes: 0,
+            interim_deadline: None,
             request_id: HeaderValue::from_static(""),
             request_id_generated: false,
             target: None,
@@ -268,8 +351,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.store.current();
 
+        // The head check left at most one X-Request-Id.
         match session.req_header().headers.get(&X_REQUEST_ID) {
-            Some(id) if request_id::is_sane(id.as_bytes()) => ctx.request_id = id.clone(),
+            Some(id) if snapshot.trust_request_id && request_id::is_sane(id.as_bytes()) => {
+                ctx.request_id = id.clone()
+            }
             _ => {
                 ctx.request_id = request_id::generate();
                 ctx.request_id_generated = true;
@@ -278,17 +364,44 @@ impl ProxyHttp for Gateway {
 
         let routed = route_request(&snapshot, session.req_header());
         ctx.snapshot = Some(snapshot);
-        match routed {
-            Ok((route, normalized_path)) => {
-                ctx.route = Some(route);
-                ctx.normalized_path = normalized_path;
-                Ok(false)
-            }
-            Err(rejection) => {
-                self.respond(session, ctx, rejection).await?;
-                Ok(true)
-            }
+        let verdict = routed.and_then(|(route, normalized_path)| {
+            ctx.route = Some(route);
+            ctx.path_parameters = normalized_path.as_deref().is_some_and(|p| p.contains(';'));
+            ctx.normalized_path = normalized_path;
+            let matched = ctx.matched().ok_or(GatewayError::Internal)?;
+            check_body_size(matched.route, session.req_header())?;
+            Ok(())
+        });
+        if let Err(rejection) = verdict {
+            self.respond(session, ctx, rejection).await?;
+            return Ok(true);
         }
+        self.apply_protocol_rules(session, ctx);
+        Ok(false)
+    }
+
+    /// Counts the body as it streams (chunked bodies declare no length)
+    /// against the route's limit.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(chunk) = body else {
+            return Ok(());
+        };
+        ctx.body_bytes += chunk.len() as u64;
+        let limit = ctx.matched().map_or(0, |m| m.route.max_body_bytes);
+        if ctx.body_bytes > limit {
+            ctx.error = Some(GatewayError::BodyTooLarge);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the route's limit",
+            );
+        }
+        Ok(())
     }
 
     /// Picks a healthy target of the route's upstream that this request has
@@ -334,7 +447,11 @@ impl ProxyHttp for Gateway {
 
         let current = upstream_request.uri.path();
         let normalized = ctx.normalized_path.as_deref().unwrap_or(current);
-        let forward = route.upstream_path(normalized);
+        let forward = if ctx.path_parameters {
+            route.upstream_path_by_segments(normalized)
+        } else {
+            route.upstream_path(normalized)
+        };
         let absolute_form = !upstream_request.raw_path().starts_with(b"/");
         if forward != current || absolute_form {
             let target = match upstream_request.uri.query() {
@@ -360,8 +477,19 @@ impl ProxyHttp for Gateway {
             case_name("X-Forwarded-Proto"),
             HeaderValue::from_static("http"),
         )?;
-        if let Some(host) = session.req_header().headers.get(HOST) {
-            upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
+        match session.req_header().headers.get(HOST) {
+            Some(host) => {
+                upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
+            }
+            // Only an HTTP/1.0 request may come without Host; the upstream
+            // still gets one: the target's authority, or the upstream's name.
+            None => {
+                let authority = session.req_header().uri.authority().map(|a| a.as_str());
+                let cluster = ctx.matched().map(|m| m.cluster.name.as_str());
+                if let Some(host) = authority.or(cluster) {
+                    upstream_request.insert_header(HOST, host)?;
+                }
+            }
         }
         if ctx.request_id_generated {
             upstream_request.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
@@ -370,13 +498,111 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Echoes the request id and applies the route's response header edits.
-    async fn response_filter(
+    /// Checks the upstream's response head before anything of it is
+    /// relayed: a status outside 100-599 or a body framing other than
+    /// chunked or a length is the upstream's error (502); hop-by-hop
+    /// headers stay on the upstream's hop; a 204 carries no length. An
+    /// accepted upgrade turns the client connection into a tunnel.
+    async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if status > 599 {
+            return Error::e_explain(ErrorType::HTTPStatus(502), "upstream status out of range");
+        }
+        if (100..200).contains(&status) && status != 101 {
+            // Pingora restarts its read timer for each interim response;
+            // an upstream sending them forever would hold the request.
+            let now = std::time::Instant::now();
+            let read = ctx
+                .matched()
+                .map_or(Duration::ZERO, |m| m.cluster.timeouts.read);
+            if now > *ctx.interim_deadline.get_or_insert(now + read) {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(504),
+                    "no final response within the read timeout",
+                );
+            }
+        }
+        if let Some(te) = upstream_response.headers.get(TRANSFER_ENCODING) {
+            let last = te
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or_default();
+            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    "upstream transfer coding is not chunked",
+                );
+            }
+        }
+        let hop: Vec<HeaderName> = upstream_response
+            .headers
+            .keys()
+            .filter(|name| is_hop_by_hop(name) && !(status == 101 && *name == UPGRADE))
+            .cloned()
+            .collect();
+        if !hop.is_empty() {
+            let named: Vec<HeaderName> = upstream_response
+                .headers
+                .get_all(CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+                .filter(|n| status != 101 || (*n != UPGRADE && *n != CONNECTION))
+                .collect();
+            for name in hop.iter().chain(&named) {
+                if status == 101 && *name == CONNECTION {
+                    continue;
+                }
+                upstream_response.remove_header(name);
+            }
+        }
+        if status == 204 {
+            upstream_response.remove_header(&CONTENT_LENGTH);
+            upstream_response.remove_header(&TRANSFER_ENCODING);
+        }
+        if status == 101 {
+            // Pingora relays a 101 whenever the requests to both sides
+            // agree, including when neither asked for an upgrade.
+            if !session.is_upgrade_req() {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    "upstream switched protocols unasked",
+                );
+            }
+            if let Some(stream) = session
+                .stream()
+                .and_then(|s| s.as_any().downcast_ref::<RequestStream>())
+            {
+                stream.open_tunnel();
+            }
+        }
+        Ok(())
+    }
+
+    /// Echoes the request id and applies the route's response header edits.
+    /// The client always sees tollgate's own HTTP version; an HTTP/1.0
+    /// client gets a body delimited by the connection's close, never
+    /// chunked.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if upstream_response.version != Version::HTTP_11 {
+            upstream_response.set_version(Version::HTTP_11);
+        }
+        if session.req_header().version == Version::HTTP_10
+            && upstream_response.headers.contains_key(TRANSFER_ENCODING)
+        {
+            upstream_response.remove_header(&TRANSFER_ENCODING);
+        }
         upstream_response.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
         if let Some(Matched { route, .. }) = ctx.matched() {
             route.response_headers.apply(upstream_response);
@@ -415,9 +641,23 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
-        // A client that went away is not a reason to ask another target.
+        let body_complete = session.is_body_done();
+        if !body_complete
+            && *e.esource() == ErrorSource::Upstream
+            && matches!(e.etype(), ErrorType::ReadTimedout)
+        {
+            // Each piece of body restarts the upstream's read timer, so it
+            // ran out because the client stopped sending: the client's
+            // timeout, not the upstream's, and nothing to retry.
+            ctx.error = Some(GatewayError::RequestTimeout);
+            e.set_retry(false);
+            return e;
+        }
+        // A client that went away is not a reason to ask another target,
+        // and a body not wholly received cannot be sent again.
         let replayable = *e.esource() == ErrorSource::Upstream
             && session.req_header().method.is_idempotent()
+            && body_complete
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
@@ -452,7 +692,11 @@ impl ProxyHttp for Gateway {
                 can_reuse_downstream: false,
             };
         };
-        if session.response_written().is_none() {
+        // Interim (1xx) responses may have gone out; a final one may not.
+        let final_written = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational());
+        if !final_written {
             if let Err(write_error) = self.respond(session, ctx, error.into()).await {
                 log::debug!("could not send error response: {write_error}");
             }
@@ -493,6 +737,8 @@ impl ProxyHttp for Gateway {
                 GatewayError::NoRoute
                     | GatewayError::MethodNotAllowed
                     | GatewayError::BadRequest(_)
+                    | GatewayError::RequestTimeout
+                    | GatewayError::BodyTooLarge
             )
         ) || matches!(
             (error.esource(), error.etype()),

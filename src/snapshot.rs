@@ -7,6 +7,7 @@
 
 use crate::config::file::ServerSection;
 use crate::config::{self, compile, ConfigError, ConfigErrors};
+use crate::downstream::Limits;
 use crate::router::{Route, RouteIndex};
 use crate::upstream::health::HealthPool;
 use crate::upstream::Cluster;
@@ -19,6 +20,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// One compiled, validated configuration.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// What clients may send.
+    pub limits: Limits,
+    /// Whether a sane client `X-Request-Id` is kept.
+    pub trust_request_id: bool,
     pub index: RouteIndex,
     /// Routes in file order; the index refers to them by position.
     pub routes: Vec<Route>,
@@ -73,6 +78,12 @@ impl ConfigStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The current client limits, without taking a reference on the
+    /// snapshot.
+    pub fn limits(&self) -> Limits {
+        self.current.load().limits
     }
 
     /// The snapshot new requests should use.

@@ -6,8 +6,11 @@
 use super::file::{
     Balance, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, ServerSection, UpstreamSpec,
 };
-use super::values::{parse_duration, parse_listen_address, resolve_target};
+use super::file::{LimitsSpec, SizeText};
+use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
+use crate::downstream::head::MAX_HEADERS;
+use crate::downstream::Limits;
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
 };
@@ -90,6 +93,7 @@ pub fn compile(
             }
         });
     check_server(&file.server, &mut errors);
+    let limits = compile_limits(&file.limits, &mut errors);
 
     let mut clusters = Vec::new();
     let mut probes = Probes::new();
@@ -173,12 +177,22 @@ pub fn compile(
             &spec.response_headers,
             &mut errors,
         );
+        let max_body_bytes = match &spec.max_body_bytes {
+            Some(size) => size_at(&mut errors, format!("{at}.max_body_bytes"), size),
+            None => limits.map(|l| l.max_body_bytes),
+        };
         routes.push(Route {
+            max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
+            websocket: spec.websocket,
             name: spec.name.clone(),
             upstream,
             strip_prefix: match (&keys.path, spec.strip_prefix) {
                 (PathPattern::Prefix(p), true) => Some(p.len()),
                 _ => None,
+            },
+            strip_segments: match &keys.path {
+                PathPattern::Prefix(p) if p != "/" => p.matches('/').count(),
+                _ => 0,
             },
             request_headers,
             response_headers,
@@ -188,7 +202,12 @@ pub fn compile(
     if !errors.0.is_empty() {
         return Err(ConfigErrors(errors.0));
     }
+    let Some(limits) = limits else {
+        return Err(ConfigErrors(errors.0));
+    };
     let snapshot = Snapshot {
+        limits,
+        trust_request_id: file.trust_request_id.unwrap_or(true),
         index: index.build(),
         routes,
         clusters,
@@ -254,6 +273,63 @@ fn check_server(server: &ServerSection, errors: &mut Errors) {
         MAX_SERVER_SECONDS,
         "",
     );
+}
+
+/// Largest head Pingora's parser accepts after tollgate's own check.
+const MAX_HEADER_BYTES: u64 = 1 << 20;
+
+fn size_at(errors: &mut Errors, at: String, text: &SizeText) -> Option<u64> {
+    match parse_size(&text.0) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            errors.add(at, e);
+            None
+        }
+    }
+}
+
+fn compile_limits(spec: &LimitsSpec, errors: &mut Errors) -> Option<Limits> {
+    let before = errors.0.len();
+    let header_timeout = duration_at(errors, "limits.header_timeout".into(), &spec.header_timeout);
+    let body_timeout = duration_at(errors, "limits.body_timeout".into(), &spec.body_timeout);
+    let max_header_bytes = size_at(
+        errors,
+        "limits.max_header_bytes".into(),
+        &spec.max_header_bytes,
+    );
+    let max_uri_bytes = size_at(errors, "limits.max_uri_bytes".into(), &spec.max_uri_bytes);
+    let max_body_bytes = size_at(errors, "limits.max_body_bytes".into(), &spec.max_body_bytes);
+    if max_header_bytes.is_some_and(|n| !(1024..=MAX_HEADER_BYTES).contains(&n)) {
+        errors.add(
+            "limits.max_header_bytes",
+            format!("must be between 1KiB and {}KiB", MAX_HEADER_BYTES >> 10),
+        );
+    }
+    if !(1..=MAX_HEADERS).contains(&spec.max_headers) {
+        errors.add(
+            "limits.max_headers",
+            format!("must be between 1 and {MAX_HEADERS}"),
+        );
+    }
+    if let (Some(uri), Some(head)) = (max_uri_bytes, max_header_bytes) {
+        if uri == 0 || uri >= head {
+            errors.add(
+                "limits.max_uri_bytes",
+                "must be at least 1B and less than limits.max_header_bytes",
+            );
+        }
+    }
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(Limits {
+        header_timeout: header_timeout?,
+        max_header_bytes: usize::try_from(max_header_bytes?).ok()?,
+        max_headers: spec.max_headers,
+        max_uri_bytes: usize::try_from(max_uri_bytes?).ok()?,
+        body_timeout: body_timeout?,
+        max_body_bytes: max_body_bytes?,
+    })
 }
 
 fn compile_listen(file: &FileConfig, errors: &mut Errors) -> Vec<SocketAddr> {

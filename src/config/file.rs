@@ -15,6 +15,9 @@ pub struct FileConfig {
     pub server: ServerSection,
     pub listen: Vec<String>,
     pub admin: Option<String>,
+    pub limits: LimitsSpec,
+    /// Whether a sane client `X-Request-Id` is kept (else one is generated).
+    pub trust_request_id: Option<bool>,
     /// Ordered by name so errors and `/readyz` come out in a stable order.
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: Vec<RouteSpec>,
@@ -224,6 +227,89 @@ pub struct RouteSpec {
     pub request_headers: HeaderOpsSpec,
     #[serde(default)]
     pub response_headers: HeaderOpsSpec,
+    /// Overrides `limits.max_body_bytes` for this route.
+    pub max_body_bytes: Option<SizeText>,
+    /// Whether WebSocket upgrades are passed through on this route.
+    #[serde(default)]
+    pub websocket: bool,
+}
+
+/// What a client may send: the `limits:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: DurationText,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: SizeText,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: SizeText,
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: DurationText,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: SizeText,
+}
+
+fn default_header_timeout() -> DurationText {
+    "10s".into()
+}
+fn default_max_header_bytes() -> SizeText {
+    SizeText("32KiB".into())
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_uri_bytes() -> SizeText {
+    SizeText("8KiB".into())
+}
+fn default_body_timeout() -> DurationText {
+    "30s".into()
+}
+fn default_max_body_bytes() -> SizeText {
+    SizeText("10MiB".into())
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec {
+            header_timeout: default_header_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_uri_bytes: default_max_uri_bytes(),
+            body_timeout: default_body_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+/// A size as written in the file (`32KiB`); parsed when compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SizeText(pub String);
+
+impl<'de> Deserialize<'de> for SizeText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SizeText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size with a unit, like 512B, 32KiB or 10MiB")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeText, E> {
+                Ok(SizeText(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeText, E> {
+                Err(E::custom(format!(
+                    "{v} has no unit; write it like {v}B or {v}KiB"
+                )))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeText, E> {
+                Err(E::custom(format!("{v} is not a size; write it like 32KiB")))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Header edits, applied in the order remove, set, add.

@@ -10,7 +10,7 @@ pub mod compile;
 pub mod file;
 pub mod values;
 
-use file::{FileConfig, RouteSpec, ServerSection, UpstreamSpec};
+use file::{FileConfig, LimitsSpec, RouteSpec, ServerSection, UpstreamSpec};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use std::fmt;
@@ -60,7 +60,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const TOP_LEVEL_KEYS: &str = "server, listen, admin, upstreams, routes";
+const TOP_LEVEL_KEYS: &str = "server, listen, admin, limits, trust_request_id, upstreams, routes";
 
 /// Reads the file's text into its typed form. Each section, each upstream and
 /// each route is deserialized on its own, so one mistake does not hide others.
@@ -93,7 +93,7 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
         _ => {
             return Err(ConfigErrors(vec![ConfigError::new(
                 "",
-                "the file must be a mapping with the keys server, listen, admin, upstreams, routes",
+                "the file must be a mapping with the keys server, listen, admin, limits, upstreams, routes",
             )]));
         }
     };
@@ -114,6 +114,14 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
                 }
             }
             "admin" => config.admin = section::<Option<String>>(&key, value, &mut errors).flatten(),
+            "limits" => {
+                if let Some(l) = section::<LimitsSpec>(&key, value, &mut errors) {
+                    config.limits = l;
+                }
+            }
+            "trust_request_id" => {
+                config.trust_request_id = section::<bool>(&key, value, &mut errors);
+            }
             "upstreams" => parse_upstreams(value, &mut config, &mut errors),
             "routes" => parse_routes(value, &mut config, &mut errors),
             other => errors.push(ConfigError::new(

@@ -31,6 +31,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses a size: `512B`, `32KiB`, `10MiB`, `1GiB`. A unit is required, as
+/// for durations.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit; write it like 512B, 32KiB or 10MiB"))?;
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write it like 512B, 32KiB or 10MiB"))?;
+    let multiplier: u64 = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit {unit:?}; use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 /// Parses a listener address: a literal `ip:port`. Listeners bind to what
 /// is written; a name here would make the bound address depend on DNS.
 pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
@@ -78,6 +105,16 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn sizes_need_a_known_unit() {
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("32KiB"), Ok(32 * 1024));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert!(parse_size("10").is_err());
+        assert!(parse_size("10kb").is_err());
+        assert!(parse_size("99999999999999999GiB").is_err());
     }
 
     #[test]

@@ -1,3 +1,20 @@
-//! Observability: request ids now; access logs and metrics join here.
+//! What the gateway records about requests: request ids, and (for now, at
+//! debug level under `tollgate::access`) requests refused before routing.
 
 pub mod request_id;
+
+use crate::error::GatewayError;
+use std::net::SocketAddr;
+
+/// A request refused before it was routed (a malformed or oversized head,
+/// a slow client): attack traffic, which must stay visible. This is the
+/// hook the access log writes these requests through.
+pub fn rejected_before_routing(client: Option<SocketAddr>, error: GatewayError, request_id: &str) {
+    log::debug!(
+        target: "tollgate::access",
+        "{} - - route= status={} id={request_id} error={}",
+        client.map_or_else(|| "-".to_owned(), |c| c.ip().to_string()),
+        error.status(),
+        error.code(),
+    );
+}

@@ -1,15 +1,12 @@
 //! Request ids: kept from the client when sane, generated otherwise.
 //!
-//! Generated ids are 32 hex digits: a per-process random half and a mixed
-//! per-request counter. The mix is a bijection, so ids never repeat within a
-//! process, and the random half keeps processes apart. No syscall, lock or
-//! allocation beyond the header value itself.
+//! Generated ids are 32 hex digits: 128 random bits from the thread's
+//! CSPRNG (ChaCha, seeded from the OS and reseeded periodically), so an id
+//! reveals nothing about other requests and cannot be predicted. No
+//! syscall, lock or allocation beyond the header value itself.
 
 use http::HeaderValue;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use rand::Rng;
 
 /// The longest client-sent id that is passed through.
 pub const MAX_LEN: usize = 128;
@@ -25,32 +22,12 @@ pub fn is_sane(value: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
 }
 
-fn process_seed() -> (u64, u64) {
-    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
-    *SEED.get_or_init(|| {
-        // RandomState is seeded from the OS's randomness.
-        let a = RandomState::new().build_hasher().finish();
-        let mut h = RandomState::new().build_hasher();
-        h.write_u64(a);
-        (a, h.finish())
-    })
-}
-
-/// SplitMix64's finalizer: a bijection on u64 with good avalanche.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
 /// A new id, as a header value.
 pub fn generate() -> HeaderValue {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let (high, salt) = process_seed();
-    let low = mix(COUNTER.fetch_add(1, Ordering::Relaxed) ^ salt);
+    let bits: u128 = rand::thread_rng().gen();
     let mut buf = [0u8; 32];
-    write_hex(&mut buf[..16], high);
-    write_hex(&mut buf[16..], low);
+    write_hex(&mut buf[..16], (bits >> 64) as u64);
+    write_hex(&mut buf[16..], bits as u64);
     // The id is cloned into the upstream request and the response; an
     // owner-backed `Bytes` makes those clones a reference count, where a
     // copied slice would be re-allocated on its first clone.
@@ -79,6 +56,16 @@ mod tests {
         let one = generate();
         assert_eq!(one.len(), 32);
         assert!(is_sane(one.as_bytes()));
+    }
+
+    #[test]
+    fn generated_ids_share_no_fixed_part() {
+        // The previous scheme kept a per-process half constant; random ids
+        // differ in both halves.
+        let a = generate();
+        let b = generate();
+        assert_ne!(a.as_bytes()[..16], b.as_bytes()[..16]);
+        assert_ne!(a.as_bytes()[16..], b.as_bytes()[16..]);
     }
 
     #[test]

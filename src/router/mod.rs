@@ -5,7 +5,7 @@ mod index;
 mod normalize;
 
 pub use index::{Conflict, HostPattern, Lookup, PathPattern, RouteIndex, RouteIndexBuilder};
-pub use normalize::{normalize_path, PathError};
+pub use normalize::{normalize_path, without_parameters, PathError};
 
 use http::{HeaderName, HeaderValue, Method};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -20,8 +20,15 @@ pub struct Route {
     /// Byte length of the matched prefix to cut from the forwarded path, when
     /// `strip_prefix` is on. The root prefix `/` strips nothing.
     pub strip_prefix: Option<usize>,
+    /// Segments of that prefix, for paths with `;parameters`, whose bytes
+    /// do not line up with the prefix as matched.
+    pub strip_segments: usize,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// The largest request body accepted.
+    pub max_body_bytes: u64,
+    /// Whether WebSocket upgrades are passed through.
+    pub websocket: bool,
 }
 
 impl Route {
@@ -33,6 +40,26 @@ impl Route {
                 Some(rest) => rest,
             },
             _ => path,
+        }
+    }
+
+    /// As [`Self::upstream_path`], cutting whole segments: for a path
+    /// matched without its `;parameters`.
+    pub fn upstream_path_by_segments<'a>(&self, path: &'a str) -> &'a str {
+        if self.strip_prefix.is_none_or(|len| len <= 1) {
+            return path;
+        }
+        let mut rest = path;
+        for _ in 0..self.strip_segments {
+            rest = match rest.get(1..).and_then(|r| r.find('/')) {
+                Some(i) => &rest[i + 1..],
+                None => "",
+            };
+        }
+        if rest.is_empty() {
+            "/"
+        } else {
+            rest
         }
     }
 }
@@ -139,11 +166,16 @@ mod tests {
             name: "r".into(),
             upstream: 0,
             strip_prefix: Some("/api/users".len()),
+            strip_segments: 2,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            max_body_bytes: u64::MAX,
+            websocket: false,
         };
         assert_eq!(route.upstream_path("/api/users/7"), "/7");
         assert_eq!(route.upstream_path("/api/users"), "/");
         assert_eq!(route.upstream_path("/api/users/"), "/");
+        assert_eq!(route.upstream_path_by_segments("/api;v=1/users;x/7"), "/7");
+        assert_eq!(route.upstream_path_by_segments("/api;v=1/users"), "/");
     }
 }

@@ -25,6 +25,7 @@ pub enum PathError {
     Backslash,
     BadPercentEncoding,
     AboveRoot,
+    DotSegmentParameters,
 }
 
 impl PathError {
@@ -38,6 +39,9 @@ impl PathError {
             PathError::Backslash => "the path contains a '\\'",
             PathError::BadPercentEncoding => "the path contains an invalid percent-encoding",
             PathError::AboveRoot => "the path climbs above the root with '..'",
+            PathError::DotSegmentParameters => {
+                "the path has a dot-segment with parameters ('..;' or '.;')"
+            }
         }
     }
 }
@@ -69,7 +73,9 @@ fn is_normal(bytes: &[u8]) -> Result<bool, PathError> {
     let mut prev_slash = false;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' => return Ok(false),
+            // `;` starts a segment's parameters, which Java backends strip
+            // before resolving dot-segments; the slow path checks them.
+            b'%' | b';' => return Ok(false),
             b'\\' => return Err(PathError::Backslash),
             0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             b'/' => {
@@ -160,6 +166,9 @@ fn rebuild(bytes: &[u8]) -> Result<String, PathError> {
     for raw in bytes[1..].split(|&b| b == b'/') {
         segment.clear();
         decode_segment(raw, &mut segment)?;
+        if is_dot_with_parameters(&segment) {
+            return Err(PathError::DotSegmentParameters);
+        }
         match segment.as_slice() {
             b"" => trailing_slash = true,
             b"." => trailing_slash = true,
@@ -182,6 +191,35 @@ fn rebuild(bytes: &[u8]) -> Result<String, PathError> {
     // Only ASCII was decoded and every other byte was copied from a `&str`,
     // so this cannot fail; the fallback keeps that an invariant, not a panic.
     String::from_utf8(out).map_err(|_| PathError::BadPercentEncoding)
+}
+
+/// `..;x`, `.;x` and their `%3B` spellings: `..` and `.` to a backend that
+/// strips path parameters (Tomcat, Jetty), a plain name to the router.
+fn is_dot_with_parameters(segment: &[u8]) -> bool {
+    let rest = segment
+        .strip_prefix(b"..")
+        .or_else(|| segment.strip_prefix(b"."));
+    rest.is_some_and(|r| {
+        r.first() == Some(&b';')
+            || (r.len() >= 3 && r[0] == b'%' && r[1] == b'3' && r[2].eq_ignore_ascii_case(&b'b'))
+    })
+}
+
+/// The path to match routes on: each segment without its `;parameters`
+/// (`/admin;x=1/users` matches as `/admin/users`), since backends that
+/// read parameters route without them. Borrowed when there are none.
+pub fn without_parameters(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split_once(';').map_or(segment, |(name, _)| name));
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -226,6 +264,15 @@ mod tests {
     }
 
     #[test]
+    fn parameters_are_kept_for_forwarding_and_dropped_for_matching() {
+        assert_eq!(ok("/admin;x=1/users"), "/admin;x=1/users");
+        assert_eq!(without_parameters("/admin;x=1/users;y"), "/admin/users");
+        assert_eq!(without_parameters("/admin;x=1"), "/admin");
+        assert!(matches!(without_parameters("/plain"), Cow::Borrowed(_)));
+        assert_eq!(ok("/a/..x;y/b"), "/a/..x;y/b");
+    }
+
+    #[test]
     fn dangerous_paths_are_refused() {
         assert_eq!(normalize_path("/a%2Fb"), Err(PathError::EncodedSlash));
         assert_eq!(normalize_path("/a%2fb"), Err(PathError::EncodedSlash));
@@ -239,6 +286,13 @@ mod tests {
         assert_eq!(normalize_path("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize_path("/a/../../b"), Err(PathError::AboveRoot));
         assert_eq!(normalize_path("a/b"), Err(PathError::NotAbsolute));
+        for p in ["/a/..;x/b", "/a/.;/b", "/..;", "/a/..%3bx", "/a/.%3B"] {
+            assert_eq!(
+                normalize_path(p),
+                Err(PathError::DotSegmentParameters),
+                "{p}"
+            );
+        }
         assert_eq!(normalize_path(""), Err(PathError::NotAbsolute));
     }
 }

@@ -122,6 +122,25 @@ impl Connection {
         self.writer.write_all(raw).expect("write request");
     }
 
+    /// Another handle on the client's sending side, for a thread that
+    /// keeps writing while the test reads.
+    pub fn writer(&self) -> TcpStream {
+        self.writer.try_clone().expect("clone")
+    }
+
+    /// Reads exactly `n` raw bytes (a tunnel's traffic).
+    pub fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = vec![0; n];
+        self.reader.read_exact(&mut buf).expect("read bytes");
+        buf
+    }
+
+    /// Closes the client's sending side; the response can still be read.
+    pub fn shutdown_write(&mut self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+
     pub fn send(
         &mut self,
         method: &str,
@@ -165,8 +184,31 @@ impl Connection {
         }
     }
 
+    /// Reads responses until a final one, skipping interim (1xx) heads,
+    /// and returns the final response with how many interim ones came.
+    pub fn read_final_response(&mut self) -> (Response, usize) {
+        let mut interim = 0;
+        loop {
+            let head = self.read_response_head();
+            if head
+                .start_line
+                .split(' ')
+                .nth(1)
+                .is_some_and(|s| s.starts_with('1'))
+            {
+                interim += 1;
+                continue;
+            }
+            return (self.finish_response(head), interim);
+        }
+    }
+
     pub fn read_response(&mut self) -> Response {
         let head = self.read_response_head();
+        self.finish_response(head)
+    }
+
+    fn finish_response(&mut self, head: Head) -> Response {
         let status = head
             .start_line
             .split(' ')
@@ -359,4 +401,19 @@ pub fn check_config(text: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A process's resident memory, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB figure from /proc/PID/status (`VmRSS:`, `VmHWM:` for the peak).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("status field")
 }

@@ -151,6 +151,7 @@ fn serve(conn: TcpStream, state: &State) {
                     "target": target,
                     "headers": headers,
                     "body_len": body.len(),
+                    "body": String::from_utf8_lossy(&body),
                 }),
             )
         };
@@ -170,5 +171,87 @@ fn serve(conn: TcpStream, state: &State) {
         if writer.write_all(&bytes).is_err() {
             return;
         }
+    }
+}
+
+/// What a scripted upstream does with one request: gets the request head
+/// and body, the connection's reader (for tunnels) and writer, and says
+/// whether to keep the connection for another request.
+pub type Script = dyn Fn(&super::http::Head, &[u8], &mut std::io::BufReader<TcpStream>, &mut TcpStream) -> bool
+    + Send
+    + Sync;
+
+/// An upstream whose answers a test writes byte by byte: for responses a
+/// well-behaved server would never send (bad statuses, hop-by-hop
+/// headers, interim responses, upgrades).
+pub struct Scripted {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Scripted {
+    pub fn start(
+        script: impl Fn(
+                &super::http::Head,
+                &[u8],
+                &mut std::io::BufReader<TcpStream>,
+                &mut TcpStream,
+            ) -> bool
+            + Send
+            + Sync
+            + 'static,
+    ) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted upstream");
+        let addr = listener.local_addr().expect("address");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let script: Arc<Script> = Arc::new(script);
+        let (accept_hits, accept_stop) = (Arc::clone(&hits), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if accept_stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (hits, script) = (Arc::clone(&accept_hits), Arc::clone(&script));
+                std::thread::spawn(move || {
+                    let _ = conn.set_nodelay(true);
+                    let Ok(mut writer) = conn.try_clone() else {
+                        return;
+                    };
+                    let mut reader = buffered(conn);
+                    loop {
+                        let Ok(Some(head)) = read_head(&mut reader) else {
+                            return;
+                        };
+                        let Ok(body) = read_body(&mut reader, &head, false) else {
+                            return;
+                        };
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        if !script(&head, &body, &mut reader, &mut writer) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted { addr, hits, stop }
+    }
+
+    /// Answers every request with `response`, as written.
+    pub fn replying(response: &'static [u8]) -> Scripted {
+        Scripted::start(move |_, _, _, w| w.write_all(response).is_ok())
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
     }
 }

@@ -4,11 +4,18 @@
 //! done, so an idle keepalive connection sits inside the proxy's whole
 //! per-request future (~9 KB, boxed) with a 4 KiB header buffer allocated:
 //! ~22 KB per idle client. [`LeanKeepalive`] waits for the first bytes of
-//! the next request itself and only then hands the connection to Pingora;
-//! meanwhile the connection holds its socket, its write buffer and this
-//! module's small future (docs/performance.md, "Memory").
+//! the next request itself, reads and checks the head ([`super::head`]),
+//! and only then hands the connection to Pingora, with the head as the
+//! session's first bytes; meanwhile the connection holds its socket, its
+//! write buffer and this module's small future (docs/performance.md,
+//! "Memory").
 
+use super::head::{self, HeadStatus, Rejection};
+use super::stream::RequestStream;
+use super::Limits;
+use crate::observe::request_id;
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
@@ -19,8 +26,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// A head is read into a buffer of this size first, growing up to the
+/// configured limit only for large heads (Pingora's initial size).
+const INITIAL_HEAD_BUFFER: usize = 4096;
+/// How long writing a refusal to a client may take.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The current client limits; read once per request, so a reload applies
+/// to the next request of every connection.
+pub type LimitsSource = Arc<dyn Fn() -> Limits + Send + Sync>;
 
 /// How long a new connection may take to send its first request when
 /// keepalive is off (Pingora's own read timeout).
@@ -43,14 +60,21 @@ pub struct LeanKeepalive<A> {
     inner: Arc<A>,
     settings: KeepaliveSettings,
     connections: Arc<ConnectionGauge>,
+    limits: LimitsSource,
 }
 
 impl<A> LeanKeepalive<A> {
-    pub fn new(inner: A, settings: KeepaliveSettings, connections: Arc<ConnectionGauge>) -> Self {
+    pub fn new(
+        inner: A,
+        settings: KeepaliveSettings,
+        connections: Arc<ConnectionGauge>,
+        limits: LimitsSource,
+    ) -> Self {
         LeanKeepalive {
             inner: Arc::new(inner),
             settings,
             connections,
+            limits,
         }
     }
 
@@ -88,7 +112,7 @@ where
 {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.connections.open();
@@ -99,26 +123,148 @@ where
         let mut idle = IdleTimer::new(self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT));
         let mut stopping = Stopping::new(shutdown);
         let mut carried: Option<HttpPersistentSettings> = None;
+        let mut conn = Box::new(RequestStream::new(stream));
         loop {
-            if !next_request_arrives(&mut stream, &mut idle, &mut stopping).await {
+            // A pipelined request may already be here; otherwise wait.
+            if conn.stash.is_empty() {
+                if !next_request_arrives(&mut conn.inner, &mut idle, &mut stopping).await {
+                    return None;
+                }
+            } else if stopping.announced() || conn.finished() {
                 return None;
             }
-            let mut session = ServerSession::new_http1(stream);
+            let limits = (self.limits)();
+            let head = match read_head(&mut conn, &limits).await {
+                HeadRead::Head(head) => head,
+                HeadRead::Closed => return None,
+                HeadRead::Refused(rejection) => {
+                    refuse(&mut conn, rejection).await;
+                    return None;
+                }
+            };
+            let prefix = match head.rewritten {
+                Some(rewritten) => {
+                    let _ = conn.stash.split_to(head.len);
+                    rewritten
+                }
+                None => conn.stash.split_to(head.len),
+            };
+            conn.begin(head.framing);
+            let mut session = ServerSession::new_http1(conn);
             match carried.take() {
                 // Pingora's per-connection state, e.g. the requests left.
                 Some(settings) => settings.apply_to_session(&mut session),
                 None => session.set_keepalive_reuses_remaining(self.reuses()),
             }
-            // The rest of the request header must follow within the idle
-            // timeout too: on a reused connection Pingora would wait forever.
+            // The head is already here; Pingora parses it without a read.
+            session.set_pipelined_prefix(prefix);
             session.set_keepalive(Some(self.header_timeout_secs()));
+            // Bounds each wait for the next piece of a request body.
+            session.set_read_timeout(Some(limits.body_timeout));
             let reused = self.inner.process_new_http(session, shutdown).await?;
+            let stream;
             (stream, carried) = reused.consume();
+            conn = stream.into_any().downcast::<RequestStream>().ok()?;
+            if !conn.reusable() {
+                return None;
+            }
+            conn.shrink();
         }
     }
 
     async fn cleanup(&self) {
         self.inner.http_cleanup().await;
+    }
+}
+
+/// How reading a request head ended.
+enum HeadRead {
+    Head(head::Head),
+    /// The client closed the connection or the socket failed.
+    Closed,
+    Refused(Rejection),
+}
+
+/// Reads until the stash holds a complete, acceptable head. The whole head
+/// must arrive within `header_timeout` of its first byte, which is already
+/// there when this is called.
+async fn read_head(conn: &mut RequestStream, limits: &Limits) -> HeadRead {
+    let deadline = Instant::now() + limits.header_timeout;
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        if !conn.stash.is_empty() {
+            match head::check(&conn.stash, limits) {
+                HeadStatus::Partial => {}
+                HeadStatus::Complete(head) => return HeadRead::Head(head),
+                HeadStatus::Rejected(rejection) => return HeadRead::Refused(rejection),
+            }
+        }
+        let room = limits.max_header_bytes.saturating_sub(conn.stash.len());
+        if conn.stash.capacity() == 0 {
+            conn.stash = BytesMut::with_capacity(INITIAL_HEAD_BUFFER.min(limits.max_header_bytes));
+        } else if conn.stash.capacity() == conn.stash.len() {
+            // A head larger than the first buffer goes straight to the
+            // limit: one copy, and no trail of half-sized buffers left
+            // behind in the allocator by many large heads at once.
+            conn.stash.reserve(room);
+        }
+        let read = poll_fn(|cx| {
+            let spare = conn.stash.spare_capacity_mut();
+            let limit = spare.len().min(room);
+            let mut buf = ReadBuf::uninit(&mut spare[..limit]);
+            match Pin::new(&mut conn.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        // The timer is made only for a head that needs a second read.
+        let outcome = {
+            tokio::pin!(read);
+            match poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(r) => Some(r),
+                Poll::Pending => {
+                    let timer =
+                        timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    tokio::select! {
+                        r = read => Some(r),
+                        () = timer.as_mut() => None,
+                    }
+                }
+            }
+        };
+        match outcome {
+            None => return HeadRead::Refused(crate::error::GatewayError::RequestTimeout.into()),
+            Some(Ok(0)) | Some(Err(_)) => return HeadRead::Closed,
+            // SAFETY: `n` bytes of the spare capacity were written.
+            Some(Ok(n)) => unsafe { conn.stash.set_len(conn.stash.len() + n) },
+        }
+    }
+}
+
+/// Answers a refused head with the gateway's JSON error, records it, and
+/// closes the connection: what follows a bad head cannot be trusted to be
+/// framed as the head says.
+async fn refuse(conn: &mut RequestStream, rejection: Rejection) {
+    let id = request_id::generate();
+    let id = std::str::from_utf8(id.as_bytes()).unwrap_or("");
+    let peer = conn
+        .inner
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+    crate::observe::rejected_before_routing(peer, rejection.error, id);
+    let response = rejection
+        .error
+        .raw_response(id, rejection.head_only, rejection.allow);
+    let write = async {
+        conn.inner.write_all(&response).await?;
+        conn.inner.flush().await
+    };
+    if tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write)
+        .await
+        .is_ok()
+    {
+        conn.linger().await;
     }
 }
 
@@ -219,7 +365,7 @@ impl Stopping {
     /// Whether the server has announced a stop. Pingora only ever sends
     /// `true`, so an unseen version is read (under the channel's lock) only
     /// once a stop is under way.
-    fn announced(&self) -> bool {
+    pub(super) fn announced(&self) -> bool {
         match self.watch.has_changed() {
             Ok(false) => false,
             Ok(true) => *self.watch.borrow(),

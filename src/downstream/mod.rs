@@ -1,0 +1,45 @@
+//! The client side of a connection: the HTTP/1 keepalive loop, reading and
+//! checking each request head, and handing Pingora one request message at
+//! a time.
+//!
+//! - [`connection`]: the loop; idle connections hold no request state.
+//! - [`head`]: the head's limits, request line, `Host` and framing rules.
+//! - [`framing`]: where a message's body ends (length or chunked).
+//! - [`stream`]: the connection as Pingora sees it, one message at a time,
+//!   so pipelined requests are served in order.
+
+pub mod connection;
+pub mod framing;
+pub mod head;
+pub mod stream;
+
+pub use connection::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
+
+use std::time::Duration;
+
+/// What a client may send: the `limits:` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From a head's first byte to its end.
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// Longest gap between two reads of a request body.
+    pub body_timeout: Duration,
+    /// Default for routes that set none.
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            body_timeout: Duration::from_secs(30),
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
+}

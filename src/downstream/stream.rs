@@ -1,0 +1,327 @@
+//! The client connection as Pingora sees it: one request message at a time.
+//!
+//! Pingora's HTTP/1 session reads whatever the socket has. Bytes past the
+//! end of the current request (a pipelined request) are then either
+//! dropped with the connection or, when they arrive while the request is
+//! being proxied, fail it ("Sent data after end of body"). [`RequestStream`]
+//! gives Pingora only the bytes of the current message (the framing comes
+//! from the head checked in [`super::head`]) and keeps the rest for the
+//! connection loop, which serves pipelined requests in order.
+
+use super::framing::Framing;
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::SslDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// Most bytes of following requests held while the current one is served;
+/// past this the client is not read until the current request is done.
+const MAX_STASH: usize = 64 * 1024;
+/// A connection closed with unread request bytes is first drained, so the
+/// client reads the response instead of a reset: at most this much, for at
+/// most this long (nginx's lingering close).
+const LINGER_BYTES: usize = 64 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// A client connection that yields one request message at a time.
+pub struct RequestStream {
+    pub(super) inner: Stream,
+    /// Bytes received and not given to Pingora: the rest of a head being
+    /// read, or the start of the next request.
+    pub(super) stash: BytesMut,
+    framing: Framing,
+    /// Set when a 101 turned the connection into a tunnel.
+    tunnel: AtomicBool,
+    /// The client closed its side while requests were still stashed.
+    eof: bool,
+    /// The end of the current message is unknown; never reuse.
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for RequestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestStream")
+            .field("inner", &self.inner)
+            .field("stashed", &self.stash.len())
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestStream {
+    pub fn new(inner: Stream) -> Self {
+        RequestStream {
+            inner,
+            stash: BytesMut::new(),
+            framing: Framing::Length(0),
+            tunnel: AtomicBool::new(false),
+            eof: false,
+            poisoned: false,
+        }
+    }
+
+    /// Starts a new message whose head has been taken from the stash.
+    pub fn begin(&mut self, framing: Framing) {
+        self.framing = framing;
+    }
+
+    /// Lets every further byte through, both ways: the upstream accepted an
+    /// upgrade. Called through a shared reference from the proxy.
+    pub fn open_tunnel(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether another request may follow on this connection.
+    pub fn reusable(&self) -> bool {
+        !self.poisoned && !self.tunnel.load(Ordering::Relaxed) && self.framing.is_done()
+    }
+
+    /// Whether the client has closed its side and nothing is left to serve.
+    pub fn finished(&self) -> bool {
+        self.eof && self.stash.is_empty()
+    }
+
+    /// Releases the stash's memory once it is empty, so an idle connection
+    /// holds no buffer.
+    pub fn shrink(&mut self) {
+        if self.stash.is_empty() && self.stash.capacity() > 0 {
+            self.stash = BytesMut::new();
+        }
+    }
+
+    fn passthrough(&self) -> bool {
+        matches!(self.framing, Framing::Unbounded) || self.tunnel.load(Ordering::Relaxed)
+    }
+
+    /// Reads past the end of the message: the client's next request, or
+    /// its close. Pingora asks for this to notice a client that hangs up
+    /// during a request; the bytes are kept for the loop and Pingora waits.
+    fn poll_past_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.eof {
+                // More requests are waiting: this is not a hang-up yet.
+                return if self.stash.is_empty() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            if self.stash.len() >= MAX_STASH {
+                return Poll::Pending;
+            }
+            self.stash.reserve(4096);
+            let spare = self.stash.spare_capacity_mut();
+            let mut buf = ReadBuf::uninit(spare);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                        continue;
+                    }
+                    // SAFETY: `n` bytes of the spare capacity were written.
+                    unsafe { self.stash.set_len(self.stash.len() + n) };
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Lingering close: stop writing, then read and discard what the client
+    /// still sends, within bounds, so that closing with unread bytes does
+    /// not reset the connection under the response.
+    pub async fn linger(&mut self) {
+        self.inner.shutdown().await;
+        if self.framing.is_done() && self.stash.is_empty() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        let drain = async {
+            while drained < LINGER_BYTES {
+                match self.inner.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    }
+}
+
+impl AsyncRead for RequestStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.passthrough() {
+            if !this.stash.is_empty() {
+                let n = this.stash.len().min(buf.remaining());
+                buf.put_slice(&this.stash[..n]);
+                this.stash.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if this.framing.is_done() {
+            return this.poll_past_end(cx);
+        }
+        if !this.stash.is_empty() {
+            let offered = this.stash.len().min(buf.remaining());
+            let n = match this.framing.take(&this.stash[..offered]) {
+                Ok(n) => n,
+                Err(_) => {
+                    this.poison();
+                    offered
+                }
+            };
+            buf.put_slice(&this.stash[..n]);
+            this.stash.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        let fresh = &buf.filled()[before..];
+        let n = match this.framing.take(fresh) {
+            Ok(n) => n,
+            Err(_) => {
+                this.poison();
+                fresh.len()
+            }
+        };
+        if n < fresh.len() {
+            // The next request began in the same read: keep it for later.
+            this.stash.extend_from_slice(&fresh[n..]);
+            buf.set_filled(before + n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl RequestStream {
+    /// The message's framing cannot be followed: hand everything to
+    /// Pingora, whose parser reports the error, and never reuse.
+    fn poison(&mut self) {
+        self.poisoned = true;
+        self.framing = Framing::Unbounded;
+    }
+}
+
+impl AsyncWrite for RequestStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for RequestStream {
+    /// Pingora closes a connection this way when it will not be reused,
+    /// including after a gateway-made response to a request whose body
+    /// was never read.
+    async fn shutdown(&mut self) {
+        self.linger().await;
+    }
+}
+
+impl UniqueID for RequestStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for RequestStream {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for RequestStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for RequestStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for RequestStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for RequestStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        if self.stash.is_empty() {
+            return self.inner.try_peek(buf).await;
+        }
+        let n = self.stash.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.stash[..n]);
+        Ok(true)
+    }
+}
