@@ -2,9 +2,15 @@
 //! of the loaded configuration, for probes and operators.
 //!
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 once the config is loaded and every upstream has a
-//!   healthy target; otherwise 503 naming the upstreams that have none.
+//! - `GET /readyz`: 200 once the config is loaded and the listeners are
+//!   bound, and the upstreams named in `admin.readyz_requires` (only those)
+//!   each have a healthy target; otherwise 503 naming the ones that have
+//!   none. One dead upstream must not take a whole node out of rotation.
+//! - `GET /upstreams`: every upstream's targets and their health.
 //! - `GET /config`: which file is loaded and how the last reload went.
+//!
+//! Every answer carries `Content-Length`; `HEAD` gets the same head with
+//! no body.
 
 use crate::snapshot::ConfigStore;
 use async_trait::async_trait;
@@ -27,10 +33,10 @@ impl AdminApp {
     fn readiness(&self) -> (StatusCode, Value) {
         let snapshot = self.store.current();
         let unready: Vec<&str> = snapshot
-            .clusters
+            .readyz_requires
             .iter()
-            .filter(|c| !c.has_ready_target())
-            .map(|c| c.name.as_str())
+            .filter(|name| snapshot.cluster(name).is_none_or(|c| !c.has_ready_target()))
+            .map(String::as_str)
             .collect();
         if unready.is_empty() {
             (StatusCode::OK, json!({ "status": "ready" }))
@@ -40,6 +46,35 @@ impl AdminApp {
                 json!({ "status": "not_ready", "upstreams_without_healthy_target": unready }),
             )
         }
+    }
+
+    fn upstreams(&self) -> Value {
+        let snapshot = self.store.current();
+        let upstreams: serde_json::Map<String, Value> = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                let targets: Vec<Value> = c
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        json!({
+                            "address": t.addr.to_string(),
+                            "weight": t.weight,
+                            "healthy": c.is_ready(i),
+                        })
+                    })
+                    .collect();
+                let value = json!({
+                    "health_checked": c.health.is_some(),
+                    "healthy_targets": (0..c.targets.len()).filter(|&i| c.is_ready(i)).count(),
+                    "targets": targets,
+                });
+                (c.name.clone(), value)
+            })
+            .collect();
+        json!({ "upstreams": upstreams })
     }
 
     fn config_status(&self) -> Value {
@@ -55,6 +90,7 @@ impl AdminApp {
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
     let body = body.to_string().into_bytes();
+    let len = body.len();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -66,6 +102,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
     );
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     response
 }
 
@@ -74,21 +111,29 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         if req.method != Method::GET && req.method != Method::HEAD {
-            return json_response(
+            let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({ "error": { "status": 405, "code": "method_not_allowed", "message": "admin endpoints accept GET" } }),
+                &json!({ "error": { "status": 405, "code": "method_not_allowed", "message": "admin endpoints accept GET and HEAD" } }),
             );
+            response.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("GET, HEAD"),
+            );
+            return response;
         }
+        // For HEAD, Pingora writes the head (Content-Length included) and
+        // drops the body.
         match req.uri.path() {
             "/healthz" => json_response(StatusCode::OK, &json!({ "status": "ok" })),
             "/readyz" => {
                 let (status, body) = self.readiness();
                 json_response(status, &body)
             }
+            "/upstreams" => json_response(StatusCode::OK, &self.upstreams()),
             "/config" => json_response(StatusCode::OK, &self.config_status()),
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /config" } }),
+                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config" } }),
             ),
         }
     }

@@ -58,6 +58,8 @@ pub struct RequestCtx {
     /// When interim (1xx) responses stop counting as an answer: the
     /// upstream's read timeout, from the first one.
     interim_deadline: Option<std::time::Instant>,
+    /// The route's `timeout`: when the response head must have come.
+    deadline: Option<std::time::Instant>,
     request_id: HeaderValue,
     /// Whether `request_id` replaces what the client sent (or did not send).
     request_id_generated: bool,
@@ -87,9 +89,40 @@ impl RequestCtx {
         Some(Matched { route, cluster })
     }
 
-    fn may_retry(&self) -> bool {
-        self.matched()
-            .is_some_and(|m| self.failures <= m.cluster.retries)
+    /// Whether another attempt may follow one that failed as `kind`.
+    fn may_retry(&self, kind: FailureKind) -> bool {
+        let Some(m) = self.matched() else {
+            return false;
+        };
+        let listed = match kind {
+            FailureKind::ConnectFailure => m.cluster.retry_on.connect_failure,
+            FailureKind::Reset => m.cluster.retry_on.reset,
+            FailureKind::Timeout => m.cluster.retry_on.timeout,
+        };
+        listed && self.failures <= m.cluster.retries && !self.past_deadline()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+}
+
+/// How an attempt failed, as `retry_on` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    ConnectFailure,
+    Reset,
+    Timeout,
+}
+
+impl FailureKind {
+    /// For an error after the connection was made.
+    fn of(e: &Error) -> FailureKind {
+        match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => FailureKind::Timeout,
+            _ => FailureKind::Reset,
+        }
     }
 }
 
@@ -336,6 +369,7 @@ impl ProxyHttp for Gateway {
             path_parameters: false,
             body_bytes: 0,
             interim_deadline: None,
+            deadline: None,
             request_id: HeaderValue::from_static(""),
             request_id_generated: false,
             target: None,
@@ -370,6 +404,7 @@ impl ProxyHttp for Gateway {
             ctx.normalized_path = normalized_path;
             let matched = ctx.matched().ok_or(GatewayError::Internal)?;
             check_body_size(matched.route, session.req_header())?;
+            ctx.deadline = matched.route.timeout.map(|t| std::time::Instant::now() + t);
             Ok(())
         });
         if let Err(rejection) = verdict {
@@ -428,9 +463,28 @@ impl ProxyHttp for Gateway {
             ctx.error = Some(error);
             return Error::e_explain(ErrorType::HTTPStatus(error.status()), error.message());
         };
-        let peer = cluster.peer(index);
+        let mut peer = cluster
+            .peer(index)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "selected target vanished"))?;
+        if let Some(deadline) = ctx.deadline {
+            // The route's timeout bounds all attempts together: this one
+            // gets what is left of it.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                ctx.error = Some(GatewayError::UpstreamTimeout);
+                return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout");
+            }
+            let options = &mut peer.options;
+            for t in [
+                &mut options.connection_timeout,
+                &mut options.read_timeout,
+                &mut options.write_timeout,
+            ] {
+                *t = Some(t.map_or(left, |t| t.min(left)));
+            }
+        }
         ctx.target = Some((index, cluster.acquire(index)));
-        peer.ok_or_else(|| Error::explain(ErrorType::InternalError, "selected target vanished"))
+        Ok(peer)
     }
 
     /// Shapes the request the upstream sees: the normalized (and possibly
@@ -624,7 +678,7 @@ impl ProxyHttp for Gateway {
         }
         ctx.failures += 1;
         ctx.last_failure = classify(&e);
-        e.set_retry(ctx.may_retry());
+        e.set_retry(ctx.may_retry(FailureKind::ConnectFailure));
         e
     }
 
@@ -671,7 +725,7 @@ impl ProxyHttp for Gateway {
             }
             ctx.failures += 1;
             ctx.last_failure = classify(&e);
-            ctx.may_retry()
+            ctx.may_retry(FailureKind::of(&e))
         };
         e.set_retry(retry);
         e

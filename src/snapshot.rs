@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<Cluster>>,
     pub listen: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// Upstreams that must have a healthy target for `/readyz` to pass.
+    pub readyz_requires: Vec<String>,
     pub server: ServerSection,
 }
 

@@ -250,3 +250,75 @@ fn sighup_at_start_does_not_kill_the_gateway() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn readiness_depends_only_on_the_upstreams_it_names() {
+    let live = Upstream::start("live");
+    let dead = support::DeadPort::new();
+    let body = |requires: &str| {
+        format!(
+            "upstreams:\n  live: {{ targets: [\"{}\"], health_check: {{ interval: 100ms, unhealthy_after: 1 }} }}\n  dead: {{ targets: [\"{}\"], health_check: {{ interval: 100ms, unhealthy_after: 1 }} }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: live }}\n{requires}",
+            live.addr, dead.addr
+        )
+    };
+    // The harness writes `admin:` as an address; a mapping replaces it.
+    let gw = Gateway::start(&body(""));
+    gw.wait_until("the dead upstream is seen as dead", || {
+        let v = gw.admin_get("/upstreams").json();
+        v["upstreams"]["dead"]["targets"][0]["healthy"] == false
+    });
+    // One dead upstream does not take the node out of rotation.
+    assert_eq!(gw.admin_get("/readyz").status, 200);
+    let up = gw.admin_get("/upstreams").json();
+    assert_eq!(up["upstreams"]["live"]["targets"][0]["healthy"], true);
+    assert_eq!(up["upstreams"]["live"]["healthy_targets"], 1);
+    assert_eq!(up["upstreams"]["dead"]["healthy_targets"], 0);
+
+    let admin = gw.admin;
+    let status = gw.reload_with(&format!(
+        "{}admin: {{ address: \"{admin}\", readyz_requires: [dead] }}\n",
+        body("")
+    ));
+    assert_eq!(
+        status["last_reload_error"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+    let ready = gw.admin_get("/readyz");
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["upstreams_without_healthy_target"][0], "dead");
+
+    let (code, _, stderr) = check_config(
+        "listen: [\"127.0.0.1:1\"]\nadmin: { address: \"127.0.0.1:2\", readyz_requires: [nope] }\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("admin.readyz_requires[0]: no upstream named \"nope\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn admin_answers_carry_a_length_and_head_works() {
+    let gw = Gateway::start("");
+    let mut conn = support::Connection::open(gw.admin);
+    conn.send("GET", "admin", "/healthz", &[], b"");
+    let resp = conn.read_response();
+    assert_eq!(
+        resp.header("content-length"),
+        Some(resp.body.len().to_string().as_str())
+    );
+    conn.send("HEAD", "admin", "/healthz", &[], b"");
+    let head = conn.read_response_head();
+    assert!(head.start_line.contains(" 200 "));
+    assert_eq!(
+        head.header("content-length"),
+        Some(resp.body.len().to_string().as_str())
+    );
+    // The connection is still in step: no body followed the HEAD answer.
+    conn.send("GET", "admin", "/config", &[], b"");
+    assert_eq!(conn.read_response().status, 200);
+    let resp = support::request(gw.admin, "POST", "a", "/healthz", &[], b"");
+    assert_eq!(resp.status, 405);
+    assert_eq!(resp.header("allow"), Some("GET, HEAD"));
+}

@@ -4,14 +4,17 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use support::upstream::Upstream;
 use support::{Connection, Gateway, Response};
 
-/// An address on which nothing listens.
+/// An address on which nothing listens, reserved until the test ends.
 fn dead_address() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    let port = support::DeadPort::new();
+    let addr = port.addr.to_string();
+    // Kept open for the rest of the test process, so no other test's
+    // server can appear on the address.
+    std::mem::forget(port);
+    addr
 }
 
 fn one_route(upstream_yaml: &str) -> String {
@@ -167,12 +170,10 @@ fn health_checks_eject_a_failing_target_and_bring_it_back() {
         gw.get("h", "/").assert_gateway_error(502),
         "upstream_unavailable"
     );
-    let ready = gw.admin_get("/readyz");
-    assert_eq!(ready.status, 503);
-    assert_eq!(
-        ready.json()["upstreams_without_healthy_target"],
-        serde_json::json!(["pool"])
-    );
+    // The node stays ready (no readyz_requires); /upstreams shows why 502.
+    assert_eq!(gw.admin_get("/readyz").status, 200);
+    let pool = &gw.admin_get("/upstreams").json()["upstreams"]["pool"];
+    assert_eq!(pool["healthy_targets"], 0, "{pool}");
 
     a.set_healthy(true);
     b.set_healthy(true);
@@ -313,4 +314,59 @@ fn a_garbage_reply_from_the_upstream_gives_502_json() {
     assert_eq!(resp.assert_gateway_error(502), "upstream_error");
     // The gateway is still serving.
     assert_eq!(gw.admin_get("/healthz").status, 200);
+}
+
+#[test]
+fn a_timed_out_request_is_retried_only_when_retry_on_lists_timeout() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    for (retry_on, attempts) in [
+        ("", 1),
+        ("    retry_on: [connect_failure, reset, timeout]\n", 2),
+    ] {
+        let gw = Gateway::start(&one_route(&format!(
+            "    targets: [\"{}\", \"{}\"]\n    retries: 1\n    timeouts: {{ read: 300ms }}\n{retry_on}",
+            a.addr, b.addr
+        )));
+        let before = a.hits() + b.hits();
+        let resp = support::request(
+            gw.addr,
+            "GET",
+            "h",
+            "/",
+            &[("X-Test-Delay-Ms", "1500")],
+            b"",
+        );
+        assert_eq!(resp.assert_gateway_error(504), "upstream_timeout");
+        gw.wait_until("the attempts are made", || {
+            a.hits() + b.hits() >= before + attempts
+        });
+        // Room for a wrong extra attempt to show up.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(
+            a.hits() + b.hits(),
+            before + attempts,
+            "retry_on: {retry_on:?}"
+        );
+    }
+}
+
+#[test]
+fn a_route_timeout_bounds_all_attempts_together() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  pool:\n    targets: [\"{}\", \"{}\"]\n    retries: 1\n    retry_on: [connect_failure, reset, timeout]\n    timeouts: {{ read: 5s }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: pool, timeout: 500ms }}\n",
+        a.addr, b.addr
+    ));
+    let resp = support::request(
+        gw.addr,
+        "GET",
+        "h",
+        "/",
+        &[("X-Test-Delay-Ms", "2000")],
+        b"",
+    );
+    assert_eq!(resp.assert_gateway_error(504), "upstream_timeout");
+    // The first attempt used up the route's time: no second target tried.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(a.hits() + b.hits(), 1);
 }

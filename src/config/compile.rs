@@ -16,7 +16,7 @@ use crate::router::{
 };
 use crate::snapshot::Snapshot;
 use crate::upstream::health::{HealthPool, HealthProbe, HealthSettings, TICK};
-use crate::upstream::{Cluster, HashKey, Timeouts};
+use crate::upstream::{Cluster, HashKey, RetryOn, Timeouts};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -80,8 +80,8 @@ pub fn compile(
     let listen = compile_listen(&file, &mut errors);
     let admin = file
         .admin
-        .as_deref()
-        .and_then(|a| match parse_listen_address(a) {
+        .as_ref()
+        .and_then(|a| match parse_listen_address(a.address()) {
             Ok(addr) if listen.contains(&addr) => {
                 errors.add("admin", format!("{addr} is also a data listener"));
                 None
@@ -92,6 +92,19 @@ pub fn compile(
                 None
             }
         });
+    let readyz_requires: Vec<String> = file
+        .admin
+        .as_ref()
+        .map(|a| a.readyz_requires().to_vec())
+        .unwrap_or_default();
+    for (i, name) in readyz_requires.iter().enumerate() {
+        if !file.upstreams.contains_key(name) && !file.unparsed_upstreams.contains(name) {
+            errors.add(
+                format!("admin.readyz_requires[{i}]"),
+                format!("no upstream named {name:?}"),
+            );
+        }
+    }
     check_server(&file.server, &mut errors);
     let limits = compile_limits(&file.limits, &mut errors);
 
@@ -181,7 +194,12 @@ pub fn compile(
             Some(size) => size_at(&mut errors, format!("{at}.max_body_bytes"), size),
             None => limits.map(|l| l.max_body_bytes),
         };
+        let timeout = spec
+            .timeout
+            .as_ref()
+            .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
         routes.push(Route {
+            timeout,
             max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
             websocket: spec.websocket,
             name: spec.name.clone(),
@@ -213,6 +231,7 @@ pub fn compile(
         clusters,
         listen,
         admin,
+        readyz_requires,
         server: file.server,
     };
     Ok((snapshot, probes))
@@ -475,6 +494,28 @@ fn compile_upstream(
     if spec.retries > MAX_RETRIES {
         errors.add(format!("{at}.retries"), format!("at most {MAX_RETRIES}"));
     }
+    let retry_on = match &spec.retry_on {
+        None => RetryOn::default(),
+        Some(list) => {
+            let mut on = RetryOn {
+                connect_failure: false,
+                reset: false,
+                timeout: false,
+            };
+            for (i, kind) in list.iter().enumerate() {
+                match kind.as_str() {
+                    "connect_failure" => on.connect_failure = true,
+                    "reset" => on.reset = true,
+                    "timeout" => on.timeout = true,
+                    other => errors.add(
+                        format!("{at}.retry_on[{i}]"),
+                        format!("{other:?} is not one of connect_failure, reset, timeout"),
+                    ),
+                }
+            }
+            on
+        }
+    };
 
     let mut settings = None;
     if let Some(hc) = &spec.health_check {
@@ -546,6 +587,7 @@ fn compile_upstream(
             && prev.hash_key == hash_key
             && prev.timeouts == timeouts
             && prev.retries == spec.retries
+            && prev.retry_on == retry_on
         {
             return Some(Arc::clone(prev));
         }
@@ -557,6 +599,7 @@ fn compile_upstream(
         hash_key,
         timeouts,
         spec.retries,
+        retry_on,
         probe,
         previous.map(|p| p.as_ref()),
     )))

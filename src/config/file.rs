@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 pub struct FileConfig {
     pub server: ServerSection,
     pub listen: Vec<String>,
-    pub admin: Option<String>,
+    pub admin: Option<AdminSpec>,
     pub limits: LimitsSpec,
     /// Whether a sane client `X-Request-Id` is kept (else one is generated).
     pub trust_request_id: Option<bool>,
@@ -60,6 +60,8 @@ pub struct UpstreamSpec {
     pub timeouts: TimeoutsSpec,
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// Which failures are retried: connect_failure, reset, timeout.
+    pub retry_on: Option<Vec<String>>,
 }
 
 fn default_retries() -> u32 {
@@ -227,11 +229,49 @@ pub struct RouteSpec {
     pub request_headers: HeaderOpsSpec,
     #[serde(default)]
     pub response_headers: HeaderOpsSpec,
+    /// From request start to the response head, all attempts together.
+    pub timeout: Option<DurationText>,
     /// Overrides `limits.max_body_bytes` for this route.
     pub max_body_bytes: Option<SizeText>,
     /// Whether WebSocket upgrades are passed through on this route.
     #[serde(default)]
     pub websocket: bool,
+}
+
+/// The admin listener: an address, or an address with readiness rules.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an address like 127.0.0.1:9901, or { address: ..., readyz_requires: [upstream, ...] }"
+)]
+pub enum AdminSpec {
+    Address(String),
+    Detailed(AdminDetails),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminDetails {
+    pub address: String,
+    /// Upstreams that must have a healthy target for `/readyz` to pass.
+    #[serde(default)]
+    pub readyz_requires: Vec<String>,
+}
+
+impl AdminSpec {
+    pub fn address(&self) -> &str {
+        match self {
+            AdminSpec::Address(a) => a,
+            AdminSpec::Detailed(d) => &d.address,
+        }
+    }
+
+    pub fn readyz_requires(&self) -> &[String] {
+        match self {
+            AdminSpec::Address(_) => &[],
+            AdminSpec::Detailed(d) => &d.readyz_requires,
+        }
+    }
 }
 
 /// What a client may send: the `limits:` section.

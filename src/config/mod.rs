@@ -10,7 +10,7 @@ pub mod compile;
 pub mod file;
 pub mod values;
 
-use file::{FileConfig, LimitsSpec, RouteSpec, ServerSection, UpstreamSpec};
+use file::{AdminSpec, FileConfig, LimitsSpec, RouteSpec, ServerSection, UpstreamSpec};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use std::fmt;
@@ -113,7 +113,9 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
                     config.listen = l;
                 }
             }
-            "admin" => config.admin = section::<Option<String>>(&key, value, &mut errors).flatten(),
+            "admin" => {
+                config.admin = section::<Option<AdminSpec>>(&key, value, &mut errors).flatten()
+            }
             "limits" => {
                 if let Some(l) = section::<LimitsSpec>(&key, value, &mut errors) {
                     config.limits = l;

@@ -25,6 +25,8 @@ pub struct Route {
     pub strip_segments: usize,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// From request start to the response head, all attempts together.
+    pub timeout: Option<std::time::Duration>,
     /// The largest request body accepted.
     pub max_body_bytes: u64,
     /// Whether WebSocket upgrades are passed through.
@@ -169,6 +171,7 @@ mod tests {
             strip_segments: 2,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            timeout: None,
             max_body_bytes: u64::MAX,
             websocket: false,
         };

@@ -59,6 +59,29 @@ pub enum HashKey {
     Header(http::HeaderName),
 }
 
+/// Which kinds of failed attempt are tried again on another target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryOn {
+    /// The target refused or did not accept the connection.
+    pub connect_failure: bool,
+    /// The connection broke after the request was sent (reset, closed,
+    /// invalid response).
+    pub reset: bool,
+    /// The target did not answer within its read or write timeout.
+    pub timeout: bool,
+}
+
+impl Default for RetryOn {
+    /// A timed-out request may still be running on the target.
+    fn default() -> Self {
+        RetryOn {
+            connect_failure: true,
+            reset: true,
+            timeout: false,
+        }
+    }
+}
+
 /// Connection timeouts toward the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -89,6 +112,7 @@ pub struct Cluster {
     pub hash_key: HashKey,
     pub timeouts: Timeouts,
     pub retries: u32,
+    pub retry_on: RetryOn,
     pub health: Option<Arc<HealthProbe>>,
     selector: Selector,
 }
@@ -118,6 +142,7 @@ impl Cluster {
         hash_key: HashKey,
         timeouts: Timeouts,
         retries: u32,
+        retry_on: RetryOn,
         health: Option<Arc<HealthProbe>>,
         previous: Option<&Cluster>,
     ) -> Cluster {
@@ -155,6 +180,7 @@ impl Cluster {
             hash_key,
             timeouts,
             retries,
+            retry_on,
             health,
             selector,
         }
@@ -313,6 +339,7 @@ mod tests {
                 idle: Duration::from_secs(1),
             },
             1,
+            RetryOn::default(),
             None,
             None,
         )

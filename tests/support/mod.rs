@@ -68,6 +68,64 @@ impl Response {
     }
 }
 
+/// A port on 127.0.0.1 where nothing accepts connections, reserved for as
+/// long as this lives: the socket is bound but never listens, so a connect
+/// is refused, and no other test can start a server on the port meanwhile
+/// (a port merely found free can be taken by another test at once).
+pub struct DeadPort {
+    fd: i32,
+    pub addr: SocketAddr,
+}
+
+impl DeadPort {
+    pub fn new() -> DeadPort {
+        // SAFETY: plain socket calls on a descriptor this value owns.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket");
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(
+                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len),
+                0,
+                "bind"
+            );
+            let mut bound: libc::sockaddr_in = std::mem::zeroed();
+            let mut bound_len = len;
+            assert_eq!(
+                libc::getsockname(
+                    fd,
+                    (&mut bound as *mut libc::sockaddr_in).cast(),
+                    &mut bound_len
+                ),
+                0
+            );
+            let port = u16::from_be(bound.sin_port);
+            DeadPort {
+                fd,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            }
+        }
+    }
+}
+
+impl Default for DeadPort {
+    fn default() -> Self {
+        DeadPort::new()
+    }
+}
+
+impl Drop for DeadPort {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is owned and closed once.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
+
 /// An ephemeral port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -256,6 +314,20 @@ impl Gateway {
     /// As [`Gateway::start`], with extra `server:` keys, one `key: value`
     /// per line.
     pub fn start_with_server(server_extra: &str, body: &str) -> Gateway {
+        // The ports were free when chosen, but another test may take one
+        // before the gateway binds it: a gateway that exits while starting
+        // is started again on new ports.
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            match Gateway::try_start(server_extra, body) {
+                Ok(gw) => return gw,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("the gateway exited while starting, three times; last log:\n{last_log}");
+    }
+
+    fn try_start(server_extra: &str, body: &str) -> Result<Gateway, String> {
         let dir = scratch_dir("gw");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -272,7 +344,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .spawn()
             .expect("start tollgate");
-        let gw = Gateway {
+        let mut gw = Gateway {
             addr,
             admin,
             dir,
@@ -280,11 +352,22 @@ impl Gateway {
             server_extra: server_extra.to_owned(),
             child,
         };
-        gw.wait_until("admin /healthz answers", || {
-            TcpStream::connect(gw.admin).is_ok() && admin_get(gw.admin, "/healthz").status == 200
-        });
-        gw.wait_until("listener accepts", || TcpStream::connect(gw.addr).is_ok());
-        gw
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let up = TcpStream::connect(gw.admin).is_ok()
+                && admin_get(gw.admin, "/healthz").status == 200
+                && TcpStream::connect(gw.addr).is_ok();
+            if up {
+                return Ok(gw);
+            }
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                return Err(format!("exit {status}:\n{}", gw.log()));
+            }
+            if Instant::now() > deadline {
+                panic!("the gateway did not come up; log:\n{}", gw.log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -377,7 +460,13 @@ fn write_config(
     for line in server_extra.lines().filter(|l| !l.trim().is_empty()) {
         server.push_str(&format!("  {}\n", line.trim()));
     }
-    let text = format!("{server}listen: [\"{addr}\"]\nadmin: \"{admin}\"\n{body}");
+    // A body with its own `admin:` mapping (on this same address) wins.
+    let admin_line = if body.lines().any(|l| l.starts_with("admin:")) {
+        String::new()
+    } else {
+        format!("admin: \"{admin}\"\n")
+    };
+    let text = format!("{server}listen: [\"{addr}\"]\n{admin_line}{body}");
     std::fs::write(path, text).expect("write config");
 }
 
