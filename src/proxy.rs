@@ -53,8 +53,6 @@ pub struct RequestCtx {
     /// The path carries `;parameters`, so it was matched without them and
     /// a stripped prefix is cut by segments.
     path_parameters: bool,
-    /// Request body bytes seen so far, against the route's limit.
-    body_bytes: u64,
     /// When interim (1xx) responses stop counting as an answer: the
     /// upstream's read timeout, from the first one.
     interim_deadline: Option<std::time::Instant>,
@@ -367,7 +365,6 @@ impl ProxyHttp for Gateway {
             route: None,
             normalized_path: None,
             path_parameters: false,
-            body_bytes: 0,
             interim_deadline: None,
             deadline: None,
             request_id: HeaderValue::from_static(""),
@@ -419,17 +416,19 @@ impl ProxyHttp for Gateway {
     /// against the route's limit.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(chunk) = body else {
+        // A tunnel's traffic is not a body; a retry replays bytes already
+        // counted, so the count is what was read from the client.
+        if body.is_none() || session.was_upgraded() {
             return Ok(());
-        };
-        ctx.body_bytes += chunk.len() as u64;
+        }
+        let read = session.body_bytes_read() as u64;
         let limit = ctx.matched().map_or(0, |m| m.route.max_body_bytes);
-        if ctx.body_bytes > limit {
+        if read > limit {
             ctx.error = Some(GatewayError::BodyTooLarge);
             return Error::e_explain(
                 ErrorType::HTTPStatus(413),
@@ -635,6 +634,8 @@ impl ProxyHttp for Gateway {
             {
                 stream.open_tunnel();
             }
+            // body_timeout is for request bodies; a tunnel may idle.
+            session.set_read_timeout(None);
         }
         Ok(())
     }
@@ -652,10 +653,15 @@ impl ProxyHttp for Gateway {
         if upstream_response.version != Version::HTTP_11 {
             upstream_response.set_version(Version::HTTP_11);
         }
-        if session.req_header().version == Version::HTTP_10
-            && upstream_response.headers.contains_key(TRANSFER_ENCODING)
-        {
-            upstream_response.remove_header(&TRANSFER_ENCODING);
+        if session.req_header().version == Version::HTTP_10 {
+            if upstream_response.headers.contains_key(TRANSFER_ENCODING) {
+                upstream_response.remove_header(&TRANSFER_ENCODING);
+            }
+            // Without a length the body ends with the connection, so the
+            // head must say `Connection: close`, keep-alive asked or not.
+            if !upstream_response.headers.contains_key(CONTENT_LENGTH) {
+                session.set_keepalive(None);
+            }
         }
         upstream_response.insert_header(case_name("X-Request-Id"), ctx.request_id.clone())?;
         if let Some(Matched { route, .. }) = ctx.matched() {
@@ -747,9 +753,11 @@ impl ProxyHttp for Gateway {
             };
         };
         // Interim (1xx) responses may have gone out; a final one may not.
-        let final_written = session
-            .response_written()
-            .is_some_and(|r| !r.status.is_informational());
+        // After a 101 the connection is a tunnel: nothing more is written.
+        let final_written = session.was_upgraded()
+            || session
+                .response_written()
+                .is_some_and(|r| r.status == 101 || !r.status.is_informational());
         if !final_written {
             if let Err(write_error) = self.respond(session, ctx, error.into()).await {
                 log::debug!("could not send error response: {write_error}");

@@ -268,6 +268,24 @@ fn bodies_over_the_limit_get_413() {
 }
 
 #[test]
+fn a_retried_body_is_counted_once_against_the_limit() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    a.set_close_after_read(true);
+    let gw = Gateway::start(&format!(
+        "limits: {{ max_body_bytes: 1KiB }}\nupstreams:\n  app: {{ targets: [\"{}\", \"{}\"], retries: 1 }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+        a.addr, b.addr
+    ));
+    // 600 bytes fit the limit; sent twice (a hangs up, b answers) they
+    // would not.
+    for _ in 0..4 {
+        let resp = support::request(gw.addr, "PUT", "h", "/", &[], &[b'p'; 600]);
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.json()["body_len"], 600);
+    }
+    assert!(a.hits() >= 1, "round robin should have tried a");
+}
+
+#[test]
 fn a_refused_request_with_an_unread_body_still_gets_its_answer() {
     let up = Upstream::start("a");
     let gw = Gateway::start(&format!(
@@ -308,7 +326,7 @@ fn upgrades_happen_only_on_websocket_routes() {
         }
     });
     let gw = Gateway::start(&format!(
-        "upstreams:\n  ws: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: socket, path_prefix: /ws, upstream: ws, websocket: true }}\n  - {{ name: plain, path_prefix: /, upstream: ws }}\n",
+        "limits: {{ body_timeout: 1s }}\nupstreams:\n  ws: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: socket, path_prefix: /ws, upstream: ws, websocket: true, max_body_bytes: 1KiB }}\n  - {{ name: plain, path_prefix: /, upstream: ws }}\n",
         ws.addr
     ));
     let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
@@ -320,6 +338,14 @@ fn upgrades_happen_only_on_websocket_routes() {
     assert!(head.start_line.contains(" 101 "), "{}", head.start_line);
     conn.send_raw(b"ping through the tunnel");
     assert_eq!(conn.read_bytes(23), b"ping through the tunnel");
+    // Tunnel traffic is not a request body: neither max_body_bytes nor
+    // body_timeout applies to it.
+    let big = vec![b'w'; 4096];
+    conn.send_raw(&big);
+    assert_eq!(conn.read_bytes(big.len()), big);
+    std::thread::sleep(Duration::from_millis(1500));
+    conn.send_raw(b"still open");
+    assert_eq!(conn.read_bytes(10), b"still open");
 
     // Elsewhere the upgrade is not asked of the upstream, and its 101
     // is the upstream's error.
@@ -467,9 +493,12 @@ fn http10_clients_get_http11_status_lines_no_chunks_and_no_interim_responses() {
         true
     });
     let gw = Gateway::start(&one_route(up.addr, ""));
-    let resp = send_raw(gw.addr, b"GET / HTTP/1.0\r\n\r\n");
+    // A keep-alive HTTP/1.0 client (ab -k) is told the truth: a body
+    // without a length ends with the connection.
+    let resp = send_raw(gw.addr, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
     assert_eq!(resp.head.start_line, "HTTP/1.1 200 OK");
     assert_eq!(resp.header("transfer-encoding"), None);
+    assert_eq!(resp.header("connection"), Some("close"));
     assert_eq!(resp.body, b"hello");
     // An HTTP/1.1 client gets the interim response, chunked framing, and
     // the gateway's own version.

@@ -324,10 +324,12 @@ fn compile_limits(spec: &LimitsSpec, errors: &mut Errors) -> Option<Limits> {
             format!("must be between 1KiB and {}KiB", MAX_HEADER_BYTES >> 10),
         );
     }
-    if !(1..=MAX_HEADERS).contains(&spec.max_headers) {
+    // One below Pingora's own limit: an absolute-form request without Host
+    // is forwarded with one added.
+    if !(1..MAX_HEADERS).contains(&spec.max_headers) {
         errors.add(
             "limits.max_headers",
-            format!("must be between 1 and {MAX_HEADERS}"),
+            format!("must be between 1 and {}", MAX_HEADERS - 1),
         );
     }
     if let (Some(uri), Some(head)) = (max_uri_bytes, max_header_bytes) {

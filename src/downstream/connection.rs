@@ -136,6 +136,9 @@ where
             let limits = (self.limits)();
             let head = match read_head(&mut conn, &limits).await {
                 HeadRead::Head(head) => head,
+                // Readiness left over from the last read, not a new
+                // request: wait again (the read that found nothing reset it).
+                HeadRead::NothingYet => continue,
                 HeadRead::Closed => return None,
                 HeadRead::Refused(rejection) => {
                     refuse(&mut conn, rejection).await;
@@ -166,6 +169,7 @@ where
             (stream, carried) = reused.consume();
             conn = stream.into_any().downcast::<RequestStream>().ok()?;
             if !conn.reusable() {
+                conn.linger().await;
                 return None;
             }
             conn.shrink();
@@ -180,6 +184,8 @@ where
 /// How reading a request head ended.
 enum HeadRead {
     Head(head::Head),
+    /// No byte of a request had arrived after all.
+    NothingYet,
     /// The client closed the connection or the socket failed.
     Closed,
     Refused(Rejection),
@@ -191,15 +197,23 @@ enum HeadRead {
 async fn read_head(conn: &mut RequestStream, limits: &Limits) -> HeadRead {
     let deadline = Instant::now() + limits.header_timeout;
     let mut timer: Option<Pin<Box<Sleep>>> = None;
+    // Bytes already parsed without completing the head: a head trickled
+    // in is parsed again only when a line has been completed (or the
+    // limits reached), not once per read.
+    let mut checked = 0;
     loop {
-        if !conn.stash.is_empty() {
+        let fresh_line = conn.stash[checked.min(conn.stash.len())..].contains(&b'\n');
+        let at_limit =
+            conn.stash.len() >= limits.max_header_bytes || conn.stash.len() > limits.max_uri_bytes;
+        if !conn.stash.is_empty() && (checked == 0 || fresh_line || at_limit) {
             match head::check(&conn.stash, limits) {
-                HeadStatus::Partial => {}
+                HeadStatus::Partial => checked = conn.stash.len(),
                 HeadStatus::Complete(head) => return HeadRead::Head(head),
                 HeadStatus::Rejected(rejection) => return HeadRead::Refused(rejection),
             }
         }
         let room = limits.max_header_bytes.saturating_sub(conn.stash.len());
+        let conn_is_empty = conn.stash.is_empty();
         if conn.stash.capacity() == 0 {
             conn.stash = BytesMut::with_capacity(INITIAL_HEAD_BUFFER.min(limits.max_header_bytes));
         } else if conn.stash.capacity() == conn.stash.len() {
@@ -223,6 +237,8 @@ async fn read_head(conn: &mut RequestStream, limits: &Limits) -> HeadRead {
             tokio::pin!(read);
             match poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
                 Poll::Ready(r) => Some(r),
+                // The deadline runs from a head's first byte.
+                Poll::Pending if conn_is_empty => return HeadRead::NothingYet,
                 Poll::Pending => {
                     let timer =
                         timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

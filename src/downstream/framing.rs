@@ -7,10 +7,11 @@
 //! body ends; data must be followed by CRLF, and the message ends at the
 //! CRLF CRLF after the last chunk (trailers, if any, are skipped).
 
-/// Longest chunk-size line (size, extensions and CRLF) accepted.
-const MAX_CHUNK_LINE: usize = 4096;
-/// Most trailer bytes accepted after the last chunk.
-const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// Longest chunk-size line (size, extensions and CRLF) accepted, and most
+/// trailer bytes after the last chunk: Pingora's own limits, so a body
+/// Pingora reads is never one whose end this module gives up on.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
 
 /// The rest of the current request message.
 #[derive(Debug, Clone, PartialEq, Eq)]

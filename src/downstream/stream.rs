@@ -143,21 +143,25 @@ impl RequestStream {
     /// still sends, within bounds, so that closing with unread bytes does
     /// not reset the connection under the response.
     pub async fn linger(&mut self) {
-        self.inner.shutdown().await;
-        if self.framing.is_done() && self.stash.is_empty() {
-            return;
-        }
-        let mut sink = [0u8; 4096];
-        let mut drained = 0;
-        let drain = async {
+        let unread = !(self.framing.is_done() && self.stash.is_empty());
+        let inner = &mut self.inner;
+        // Bounded as a whole: flushing the last response can itself wait on
+        // a client that reads nothing.
+        let close = async {
+            inner.shutdown().await;
+            if !unread {
+                return;
+            }
+            let mut sink = [0u8; 4096];
+            let mut drained = 0;
             while drained < LINGER_BYTES {
-                match self.inner.read(&mut sink).await {
+                match inner.read(&mut sink).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => drained += n,
                 }
             }
         };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        let _ = tokio::time::timeout(LINGER_TIME, close).await;
     }
 }
 
