@@ -84,10 +84,7 @@ fn main() -> ExitCode {
             proxy,
             keepalive(&snapshot.server),
             Arc::clone(&connections),
-            {
-                let store = Arc::clone(&store);
-                Arc::new(move || store.limits())
-            },
+            store.limits(),
         ),
     );
     for addr in &snapshot.listen {

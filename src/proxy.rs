@@ -2,6 +2,7 @@
 //! sequence of named steps. Read top to bottom, it is the request's path
 //! through the gateway.
 
+use crate::downstream::head::HeadFacts;
 use crate::downstream::stream::RequestStream;
 use crate::error::GatewayError;
 use crate::observe::request_id;
@@ -237,14 +238,30 @@ fn hash_key<'a>(
     }
 }
 
+/// What the connection loop's head check learned about this request, or
+/// the same looked up in the parsed header (a connection not from that
+/// loop).
+fn head_facts(session: &Session) -> HeadFacts {
+    if let Some(stream) = session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<RequestStream>())
+    {
+        return stream.facts();
+    }
+    let req = session.req_header();
+    HeadFacts {
+        upgrade: req.headers.contains_key(UPGRADE),
+        length: req
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok()),
+    }
+}
+
 /// A body declared larger than the route accepts is refused before any of
 /// it is read or forwarded.
-fn check_body_size(route: &Route, req: &RequestHeader) -> std::result::Result<(), Rejection> {
-    let declared = req
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+fn check_body_size(route: &Route, declared: Option<u64>) -> std::result::Result<(), Rejection> {
     match declared {
         Some(len) if len > route.max_body_bytes => Err(GatewayError::BodyTooLarge.into()),
         _ => Ok(()),
@@ -259,12 +276,81 @@ fn connection_lists(value: &HeaderValue, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Response headers that describe one hop, never relayed (RFC 9110 §7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "trailer" | "te" | "upgrade"
-    )
+/// Removes the response headers that describe one hop (RFC 9110 §7.6.1):
+/// `Connection` and the headers it names, `Keep-Alive`, `Proxy-Connection`,
+/// `Trailer`, `TE`, and `Upgrade` outside a 101. Refuses a transfer coding
+/// other than chunked last. One pass over the names; the usual upstream
+/// answer (`Connection: keep-alive` and nothing else of these) allocates
+/// nothing, since Pingora writes its own `Connection` on a final response.
+fn strip_hop_by_hop(resp: &mut ResponseHeader) -> Result<()> {
+    let status = resp.status.as_u16();
+    let interim = status < 200 && status != 101;
+    let mut drop: [Option<HeaderName>; 6] = Default::default();
+    let mut dropped = 0;
+    let mut named = false;
+    for (name, value) in resp.headers.iter() {
+        let hop = match name.as_str() {
+            "transfer-encoding" => {
+                let last = value
+                    .as_bytes()
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .unwrap_or_default();
+                if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(502),
+                        "upstream transfer coding is not chunked",
+                    );
+                }
+                false
+            }
+            "connection" => {
+                named |= value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .any(|t| !is_hop_token(t));
+                interim
+            }
+            "keep-alive" | "proxy-connection" | "trailer" | "te" => true,
+            "upgrade" => status != 101,
+            _ => false,
+        };
+        if hop && !drop.iter().flatten().any(|d| d == name) {
+            if let Some(slot) = drop.get_mut(dropped) {
+                *slot = Some(name.clone());
+                dropped += 1;
+            }
+        }
+    }
+    for name in drop.iter().flatten() {
+        resp.remove_header(name);
+    }
+    if named {
+        // Rare: a Connection header naming other headers.
+        let others: Vec<HeaderName> = resp
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !is_hop_token(t))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
+        for name in &others {
+            resp.remove_header(name);
+        }
+    }
+    Ok(())
+}
+
+/// `Connection` tokens whose headers are handled without parsing a name.
+fn is_hop_token(token: &[u8]) -> bool {
+    // `keep-alive` is nearly every upstream's whole Connection value.
+    token.eq_ignore_ascii_case(b"keep-alive")
+        || [&b"close"[..], b"upgrade", b"te", b"trailer", b""]
+            .iter()
+            .any(|t| token.len() == t.len() && token.eq_ignore_ascii_case(t))
 }
 
 impl Gateway {
@@ -272,10 +358,10 @@ impl Gateway {
     /// proxied: only WebSocket routes upgrade, and only from an HTTP/1.1
     /// request that asks with `Connection: upgrade`; an HTTP/1.0 client
     /// gets no interim responses.
-    fn apply_protocol_rules(&self, session: &mut Session, ctx: &RequestCtx) {
+    fn apply_protocol_rules(&self, session: &mut Session, ctx: &RequestCtx, facts: HeadFacts) {
         let req = session.req_header();
         let http10 = req.version == Version::HTTP_10;
-        if req.headers.contains_key(UPGRADE) {
+        if facts.upgrade {
             let allowed = ctx.matched().is_some_and(|m| m.route.websocket)
                 && req.version == Version::HTTP_11
                 && req
@@ -393,6 +479,7 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        let facts = head_facts(session);
         let routed = route_request(&snapshot, session.req_header());
         ctx.snapshot = Some(snapshot);
         let verdict = routed.and_then(|(route, normalized_path)| {
@@ -400,7 +487,7 @@ impl ProxyHttp for Gateway {
             ctx.path_parameters = normalized_path.as_deref().is_some_and(|p| p.contains(';'));
             ctx.normalized_path = normalized_path;
             let matched = ctx.matched().ok_or(GatewayError::Internal)?;
-            check_body_size(matched.route, session.req_header())?;
+            check_body_size(matched.route, facts.length)?;
             ctx.deadline = matched.route.timeout.map(|t| std::time::Instant::now() + t);
             Ok(())
         });
@@ -408,7 +495,7 @@ impl ProxyHttp for Gateway {
             self.respond(session, ctx, rejection).await?;
             return Ok(true);
         }
-        self.apply_protocol_rules(session, ctx);
+        self.apply_protocol_rules(session, ctx, facts);
         Ok(false)
     }
 
@@ -580,41 +667,7 @@ impl ProxyHttp for Gateway {
                 );
             }
         }
-        if let Some(te) = upstream_response.headers.get(TRANSFER_ENCODING) {
-            let last = te
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or_default();
-            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(502),
-                    "upstream transfer coding is not chunked",
-                );
-            }
-        }
-        let hop: Vec<HeaderName> = upstream_response
-            .headers
-            .keys()
-            .filter(|name| is_hop_by_hop(name) && !(status == 101 && *name == UPGRADE))
-            .cloned()
-            .collect();
-        if !hop.is_empty() {
-            let named: Vec<HeaderName> = upstream_response
-                .headers
-                .get_all(CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-                .filter(|n| status != 101 || (*n != UPGRADE && *n != CONNECTION))
-                .collect();
-            for name in hop.iter().chain(&named) {
-                if status == 101 && *name == CONNECTION {
-                    continue;
-                }
-                upstream_response.remove_header(name);
-            }
-        }
+        strip_hop_by_hop(upstream_response)?;
         if status == 204 {
             upstream_response.remove_header(&CONTENT_LENGTH);
             upstream_response.remove_header(&TRANSFER_ENCODING);

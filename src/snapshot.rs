@@ -7,7 +7,7 @@
 
 use crate::config::file::ServerSection;
 use crate::config::{self, compile, ConfigError, ConfigErrors};
-use crate::downstream::Limits;
+use crate::downstream::{Limits, SharedLimits};
 use crate::router::{Route, RouteIndex};
 use crate::upstream::health::HealthPool;
 use crate::upstream::Cluster;
@@ -47,6 +47,8 @@ impl Snapshot {
 pub struct ConfigStore {
     path: PathBuf,
     current: ArcSwap<Snapshot>,
+    /// The running snapshot's client limits, for the connection loop.
+    limits: Arc<SharedLimits>,
     health: HealthPool,
     /// Serializes reloads and records how they went; requests never take it.
     status: Mutex<ReloadStatus>,
@@ -69,6 +71,7 @@ impl ConfigStore {
         let snapshot = load(path, None, &health)?;
         Ok(ConfigStore {
             path: path.to_owned(),
+            limits: Arc::new(SharedLimits::new(snapshot.limits)),
             current: ArcSwap::from_pointee(snapshot),
             health,
             status: Mutex::new(ReloadStatus {
@@ -82,10 +85,10 @@ impl ConfigStore {
         &self.path
     }
 
-    /// The current client limits, without taking a reference on the
-    /// snapshot.
-    pub fn limits(&self) -> Limits {
-        self.current.load().limits
+    /// The running configuration's client limits, kept current across
+    /// reloads.
+    pub fn limits(&self) -> Arc<SharedLimits> {
+        Arc::clone(&self.limits)
     }
 
     /// The snapshot new requests should use.
@@ -113,6 +116,7 @@ impl ConfigStore {
                 self.path.display()
             );
         }
+        self.limits.publish(new.limits);
         self.current.store(Arc::new(new));
         status.generation += 1;
         status.last_reload_error = None;

@@ -12,10 +12,10 @@
 
 use super::head::{self, HeadStatus, Rejection};
 use super::stream::RequestStream;
-use super::Limits;
+use super::{Limits, SharedLimits};
 use crate::observe::request_id;
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
@@ -34,10 +34,6 @@ use tokio::time::{Instant, Sleep};
 const INITIAL_HEAD_BUFFER: usize = 4096;
 /// How long writing a refusal to a client may take.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The current client limits; read once per request, so a reload applies
-/// to the next request of every connection.
-pub type LimitsSource = Arc<dyn Fn() -> Limits + Send + Sync>;
 
 /// How long a new connection may take to send its first request when
 /// keepalive is off (Pingora's own read timeout).
@@ -60,7 +56,7 @@ pub struct LeanKeepalive<A> {
     inner: Arc<A>,
     settings: KeepaliveSettings,
     connections: Arc<ConnectionGauge>,
-    limits: LimitsSource,
+    limits: Arc<SharedLimits>,
 }
 
 impl<A> LeanKeepalive<A> {
@@ -68,7 +64,7 @@ impl<A> LeanKeepalive<A> {
         inner: A,
         settings: KeepaliveSettings,
         connections: Arc<ConnectionGauge>,
-        limits: LimitsSource,
+        limits: Arc<SharedLimits>,
     ) -> Self {
         LeanKeepalive {
             inner: Arc::new(inner),
@@ -124,6 +120,7 @@ where
         let mut stopping = Stopping::new(shutdown);
         let mut carried: Option<HttpPersistentSettings> = None;
         let mut conn = Box::new(RequestStream::new(stream));
+        let mut limits = (0, Limits::default());
         loop {
             // A pipelined request may already be here; otherwise wait.
             if conn.stash.is_empty() {
@@ -133,8 +130,9 @@ where
             } else if stopping.announced() || conn.finished() {
                 return None;
             }
-            let limits = (self.limits)();
-            let head = match read_head(&mut conn, &limits).await {
+            self.limits.refresh(&mut limits);
+            let limits = &limits.1;
+            let head = match read_head(&mut conn, limits).await {
                 HeadRead::Head(head) => head,
                 // Readiness left over from the last read, not a new
                 // request: wait again (the read that found nothing reset it).
@@ -147,12 +145,16 @@ where
             };
             let prefix = match head.rewritten {
                 Some(rewritten) => {
-                    let _ = conn.stash.split_to(head.len);
+                    conn.stash.advance(head.len);
                     rewritten
                 }
+                // Usually the head is all there is: hand the buffer over
+                // whole. Splitting it would make it a shared buffer, one
+                // more allocation and reference count per request.
+                None if conn.stash.len() == head.len => std::mem::take(&mut conn.stash),
                 None => conn.stash.split_to(head.len),
             };
-            conn.begin(head.framing);
+            conn.begin(head.framing, head.facts);
             let mut session = ServerSession::new_http1(conn);
             match carried.take() {
                 // Pingora's per-connection state, e.g. the requests left.
@@ -195,17 +197,17 @@ enum HeadRead {
 /// must arrive within `header_timeout` of its first byte, which is already
 /// there when this is called.
 async fn read_head(conn: &mut RequestStream, limits: &Limits) -> HeadRead {
-    let deadline = Instant::now() + limits.header_timeout;
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     // Bytes already parsed without completing the head: a head trickled
     // in is parsed again only when a line has been completed (or the
     // limits reached), not once per read.
     let mut checked = 0;
     loop {
-        let fresh_line = conn.stash[checked.min(conn.stash.len())..].contains(&b'\n');
-        let at_limit =
-            conn.stash.len() >= limits.max_header_bytes || conn.stash.len() > limits.max_uri_bytes;
-        if !conn.stash.is_empty() && (checked == 0 || fresh_line || at_limit) {
+        let worth_parsing = checked == 0
+            || conn.stash.len() >= limits.max_header_bytes
+            || conn.stash.len() > limits.max_uri_bytes
+            || conn.stash[checked.min(conn.stash.len())..].contains(&b'\n');
+        if !conn.stash.is_empty() && worth_parsing {
             match head::check(&conn.stash, limits) {
                 HeadStatus::Partial => checked = conn.stash.len(),
                 HeadStatus::Complete(head) => return HeadRead::Head(head),
@@ -240,8 +242,10 @@ async fn read_head(conn: &mut RequestStream, limits: &Limits) -> HeadRead {
                 // The deadline runs from a head's first byte.
                 Poll::Pending if conn_is_empty => return HeadRead::NothingYet,
                 Poll::Pending => {
-                    let timer =
-                        timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    // The head's first byte came with the read before this
+                    // one: its deadline starts now.
+                    let timer = timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limits.header_timeout)));
                     tokio::select! {
                         r = read => Some(r),
                         () = timer.as_mut() => None,

@@ -9,6 +9,7 @@
 //! connection loop, which serves pipelined requests in order.
 
 use super::framing::Framing;
+use super::head::HeadFacts;
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use pingora_core::protocols::raw_connect::ProxyDigest;
@@ -41,6 +42,7 @@ pub struct RequestStream {
     /// read, or the start of the next request.
     pub(super) stash: BytesMut,
     framing: Framing,
+    facts: HeadFacts,
     /// Set when a 101 turned the connection into a tunnel.
     tunnel: AtomicBool,
     /// The client closed its side while requests were still stashed.
@@ -65,6 +67,7 @@ impl RequestStream {
             inner,
             stash: BytesMut::new(),
             framing: Framing::Length(0),
+            facts: HeadFacts::default(),
             tunnel: AtomicBool::new(false),
             eof: false,
             poisoned: false,
@@ -72,8 +75,14 @@ impl RequestStream {
     }
 
     /// Starts a new message whose head has been taken from the stash.
-    pub fn begin(&mut self, framing: Framing) {
+    pub fn begin(&mut self, framing: Framing, facts: HeadFacts) {
         self.framing = framing;
+        self.facts = facts;
+    }
+
+    /// What the head check learned about the current request.
+    pub fn facts(&self) -> HeadFacts {
+        self.facts
     }
 
     /// Lets every further byte through, both ways: the upstream accepted an
@@ -120,18 +129,18 @@ impl RequestStream {
             if self.stash.len() >= MAX_STASH {
                 return Poll::Pending;
             }
-            self.stash.reserve(4096);
-            let spare = self.stash.spare_capacity_mut();
-            let mut buf = ReadBuf::uninit(spare);
+            // Read onto the stack first: Pingora asks this of every request
+            // while it is proxied, and nearly always nothing is there, so
+            // the stash allocates only for bytes that did arrive.
+            let mut landing = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+            let mut buf = ReadBuf::uninit(&mut landing);
             match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) => {
-                    let n = buf.filled().len();
-                    if n == 0 {
+                    if buf.filled().is_empty() {
                         self.eof = true;
                         continue;
                     }
-                    // SAFETY: `n` bytes of the spare capacity were written.
-                    unsafe { self.stash.set_len(self.stash.len() + n) };
+                    self.stash.extend_from_slice(buf.filled());
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,

@@ -300,8 +300,10 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_tollgate")
+/// The binary under test: this build's, or another one named by
+/// `TOLLGATE_BIN` (to check that a test fails on a build without a fix).
+pub fn binary() -> String {
+    std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned())
 }
 
 impl Gateway {
@@ -338,7 +340,10 @@ impl Gateway {
         let child = Command::new(binary())
             .arg("-c")
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .stdin(Stdio::null())
@@ -353,15 +358,23 @@ impl Gateway {
             child,
         };
         let deadline = Instant::now() + WAIT;
+        let pid = gw.child.id();
         loop {
-            let up = TcpStream::connect(gw.admin).is_ok()
-                && admin_get(gw.admin, "/healthz").status == 200
-                && TcpStream::connect(gw.addr).is_ok();
+            // Answering is not enough: another test's server may hold a
+            // port chosen here, and Pingora keeps retrying a port in use.
+            let up = listens_on(pid, gw.admin)
+                && listens_on(pid, gw.addr)
+                && admin_get(gw.admin, "/healthz").status == 200;
             if up {
                 return Ok(gw);
             }
             if let Ok(Some(status)) = gw.child.try_wait() {
                 return Err(format!("exit {status}:\n{}", gw.log()));
+            }
+            if gw.log().contains("is in use") {
+                let _ = gw.child.kill();
+                let _ = gw.child.wait();
+                return Err(format!("a port was taken:\n{}", gw.log()));
             }
             if Instant::now() > deadline {
                 panic!("the gateway did not come up; log:\n{}", gw.log());
@@ -505,4 +518,47 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("status field")
+}
+
+/// Whether process `pid` has a listening TCP socket on `addr` (IPv4), read
+/// from /proc: the socket's inode in /proc/net/tcp among the process's
+/// descriptors.
+pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        return false;
+    };
+    // /proc/net/tcp writes the address as the raw u32 in host order, hex.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        addr.port()
+    );
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // state 0A is LISTEN
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields.get(9).map(|s| (*s).to_owned()))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            inodes
+                .iter()
+                .any(|inode| target == format!("socket:[{inode}]"))
+        })
+    })
 }
