@@ -8,7 +8,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use http::Method;
 use tollgate::config::{compile::compile, parse_partial};
 use tollgate::router::{normalize_path, HostPattern, PathPattern, RouteIndex, RouteIndexBuilder};
-use tollgate::upstream::health::HealthPool;
+use tollgate::snapshot::Pools;
 
 /// `n` prefix routes `/svc{i}/v1`, each on its own host when `by_host`.
 fn index_of(n: usize, by_host: bool) -> RouteIndex {
@@ -76,15 +76,15 @@ fn config_compile(c: &mut Criterion) {
             "  - {{ name: r{i}, path_prefix: /svc{i}/v1, methods: [GET, POST], upstream: u, request_headers: {{ set: {{ X-Route: r{i} }} }} }}\n"
         ));
     }
-    let health = HealthPool::default();
+    let pools = Pools::default();
     let mut group = c.benchmark_group("config_compile");
     group.sample_size(10);
     group.bench_function("10000_routes", |b| {
         b.iter(|| {
             let (file, errors) = parse_partial(&text).expect("valid YAML");
-            compile(file, errors, None, &health)
+            compile(file, errors, None, &pools)
                 .expect("valid config")
-                .0
+                .snapshot
                 .routes
                 .len()
         })

@@ -12,7 +12,7 @@
 //! Every answer carries `Content-Length`; `HEAD` gets the same head with
 //! no body.
 
-use crate::snapshot::ConfigStore;
+use crate::store::ConfigStore;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;

@@ -16,4 +16,6 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod snapshot;
+pub mod state;
+pub mod store;
 pub mod upstream;

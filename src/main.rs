@@ -20,7 +20,7 @@ use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::memory::ReturnMemory;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
-use tollgate::snapshot::ConfigStore;
+use tollgate::store::ConfigStore;
 use tollgate::upstream::health::HealthService;
 
 const DEFAULT_CONFIG: &str = "/etc/tollgate/tollgate.yaml";
@@ -68,11 +68,11 @@ fn main() -> ExitCode {
     }
 
     let snapshot = store.current();
-    if let Err(e) = ensure_run_dir(&snapshot.server) {
+    if let Err(e) = ensure_run_dir(store.server()) {
         eprintln!("tollgate: {e}");
         return ExitCode::FAILURE;
     }
-    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&snapshot.server));
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(store.server()));
     server.bootstrap();
     let store = Arc::new(store);
 
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         "tollgate".to_owned(),
         LeanKeepalive::new(
             proxy,
-            keepalive(&snapshot.server),
+            keepalive(store.server()),
             Arc::clone(&connections),
             store.limits(),
         ),
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
     }
     server.add_service(background_service(
         "health checks",
-        HealthService::new(Arc::clone(&store)),
+        HealthService::new(Arc::clone(&store.pools().health)),
     ));
     server.add_service(background_service(
         "return memory",

@@ -1,6 +1,6 @@
 //! SIGHUP: re-read the config file and swap the snapshot, off the request path.
 
-use crate::snapshot::ConfigStore;
+use crate::store::ConfigStore;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;

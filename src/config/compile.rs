@@ -3,9 +3,8 @@
 //! All checking happens here, once per load, so the request path can trust
 //! what it is given. Errors are collected, never returned at the first one.
 
-use super::file::{
-    Balance, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, ServerSection, UpstreamSpec,
-};
+use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
+use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::file::{LimitsSpec, SizeText};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
@@ -14,9 +13,9 @@ use crate::downstream::Limits;
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
 };
-use crate::snapshot::Snapshot;
-use crate::upstream::health::{HealthPool, HealthProbe, HealthSettings, TICK};
-use crate::upstream::{Cluster, HashKey, RetryOn, Timeouts};
+use crate::snapshot::{Draws, Pools, Snapshot};
+use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
+use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -52,8 +51,14 @@ const FRAMING_HEADERS: &[&str] = &[
     "trailer",
 ];
 
-/// Health probes the compiled snapshot uses, by upstream name.
-pub type Probes = HashMap<String, Arc<HealthProbe>>;
+/// A compiled file: the snapshot to run, the `server:` settings (read
+/// only at start), and the state it drew from the pools, to commit once
+/// the snapshot runs.
+pub struct Compiled {
+    pub snapshot: Snapshot,
+    pub server: ServerSpec,
+    pub draws: Draws,
+}
 
 /// Collects errors under key paths.
 #[derive(Default)]
@@ -66,16 +71,18 @@ impl Errors {
 }
 
 /// Validates everything and builds the snapshot. `previous` is the running
-/// snapshot, whose unchanged upstreams (and their health and load state) are
-/// reused. `parse_errors` come first in the report; with any of them the
-/// result is an error, but the rest of the file is still checked.
+/// snapshot, whose unchanged upstreams (and their load state) are reused;
+/// state that outlives snapshots is drawn from `pools`. `parse_errors`
+/// come first in the report; with any of them the result is an error, but
+/// the rest of the file is still checked.
 pub fn compile(
     file: FileConfig,
     parse_errors: Vec<ConfigError>,
     previous: Option<&Snapshot>,
-    health: &HealthPool,
-) -> Result<(Snapshot, Probes), ConfigErrors> {
+    pools: &Pools,
+) -> Result<Compiled, ConfigErrors> {
     let mut errors = Errors(parse_errors);
+    let mut draws = Draws::default();
 
     let listen = compile_listen(&file, &mut errors);
     let admin = file
@@ -109,13 +116,9 @@ pub fn compile(
     let limits = compile_limits(&file.limits, &mut errors);
 
     let mut clusters = Vec::new();
-    let mut probes = Probes::new();
     for (name, spec) in &file.upstreams {
         let prev = previous.and_then(|p| p.cluster(name));
-        if let Some(cluster) = compile_upstream(name, spec, prev, health, &mut errors) {
-            if let Some(probe) = &cluster.health {
-                probes.insert(name.clone(), Arc::clone(probe));
-            }
+        if let Some(cluster) = compile_upstream(name, spec, prev, pools, &mut draws, &mut errors) {
             clusters.push(cluster);
         }
     }
@@ -232,15 +235,18 @@ pub fn compile(
         listen,
         admin,
         readyz_requires,
-        server: file.server,
     };
-    Ok((snapshot, probes))
+    Ok(Compiled {
+        snapshot,
+        server: file.server,
+        draws,
+    })
 }
 
 /// Bounds on `server:` values that `-t` must refuse because the server
 /// could not run with them (a panic per connection, a hang at start, a
 /// listener that accepts nothing).
-fn check_server(server: &ServerSection, errors: &mut Errors) {
+fn check_server(server: &ServerSpec, errors: &mut Errors) {
     if server.keepalive_request_limit == Some(0) {
         errors.add(
             "server.keepalive_request_limit",
@@ -395,9 +401,16 @@ fn compile_upstream(
     name: &str,
     spec: &UpstreamSpec,
     previous: Option<&Arc<Cluster>>,
-    health: &HealthPool,
+    pools: &Pools,
+    draws: &mut Draws,
     errors: &mut Errors,
 ) -> Option<Arc<Cluster>> {
+    let balance = match spec.balance {
+        BalanceSpec::RoundRobin => Balance::RoundRobin,
+        BalanceSpec::Random => Balance::Random,
+        BalanceSpec::ConsistentHash => Balance::ConsistentHash,
+        BalanceSpec::LeastConn => Balance::LeastConn,
+    };
     let at = format!("upstreams.{name}");
     let before = errors.0.len();
     if !valid_name(name) {
@@ -434,7 +447,7 @@ fn compile_upstream(
         }
     }
     let total_weight: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
-    let weight_bound = if spec.balance == Balance::ConsistentHash {
+    let weight_bound = if balance == Balance::ConsistentHash {
         MAX_HASH_RING_WEIGHT
     } else {
         MAX_TOTAL_WEIGHT
@@ -452,7 +465,7 @@ fn compile_upstream(
         );
     }
 
-    let hash_key = match (&spec.hash_key, spec.balance) {
+    let hash_key = match (&spec.hash_key, balance) {
         (None, _) => HashKey::ClientIp,
         (Some(key), Balance::ConsistentHash) => match key.as_str() {
             "client_ip" => HashKey::ClientIp,
@@ -544,7 +557,7 @@ fn compile_upstream(
             }
         }
         if let (Some(interval), Some(connect)) = (interval, connect) {
-            settings = Some(HealthSettings::from_spec(hc, interval, connect));
+            settings = Some(health_settings(hc, interval, connect));
         }
     }
 
@@ -560,7 +573,11 @@ fn compile_upstream(
         write,
         idle,
     };
-    let probe = match settings.map(|s| health.probe(name, s)) {
+    let probe = match settings.map(|s| {
+        pools.health.draw(&mut draws.health, name, &s, || {
+            HealthProbe::new(name, s.clone())
+        })
+    }) {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
             errors.add(format!("{at}.health_check"), e);
@@ -585,7 +602,7 @@ fn compile_upstream(
         };
         if same_targets
             && same_probe
-            && prev.balance == spec.balance
+            && prev.balance == balance
             && prev.hash_key == hash_key
             && prev.timeouts == timeouts
             && prev.retries == spec.retries
@@ -596,7 +613,7 @@ fn compile_upstream(
     }
     Some(Arc::new(Cluster::new(
         name.to_owned(),
-        spec.balance,
+        balance,
         targets,
         hash_key,
         timeouts,
@@ -605,6 +622,21 @@ fn compile_upstream(
         probe,
         previous.map(|p| p.as_ref()),
     )))
+}
+
+/// The probe settings for a `health_check` section.
+fn health_settings(
+    spec: &HealthCheckSpec,
+    interval: Duration,
+    connect: Duration,
+) -> HealthSettings {
+    HealthSettings {
+        http_path: spec.http_path.clone(),
+        interval,
+        healthy_after: spec.healthy_after,
+        unhealthy_after: spec.unhealthy_after,
+        connect_timeout: connect,
+    }
 }
 
 /// The index keys of one route: its host patterns, path pattern and methods.
@@ -824,8 +856,8 @@ mod tests {
     fn compile_text(text: &str) -> Result<Snapshot, Vec<String>> {
         let (file, parse_errors) = parse_partial(text)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-        compile(file, parse_errors, None, &HealthPool::default())
-            .map(|(s, _)| s)
+        compile(file, parse_errors, None, &Pools::default())
+            .map(|c| c.snapshot)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect())
     }
 

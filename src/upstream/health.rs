@@ -6,13 +6,12 @@
 //! long-lived [`HealthService`] runs whichever probes the current snapshot
 //! holds when they fall due.
 //!
-//! Probes live in a [`HealthPool`] keyed by upstream name and check settings.
-//! A reload that keeps an upstream's checks reuses its probe, so targets that
-//! still exist keep their health (the registry keys health by address, so
-//! even a weight change keeps it).
+//! Probes live in a [`crate::state::StatePool`] keyed by upstream name and
+//! check settings. A reload that keeps an upstream's checks reuses its probe,
+//! so targets that still exist keep their health (the registry keys health
+//! by address, so even a weight change keeps it).
 
-use crate::config::file::HealthCheckSpec;
-use crate::snapshot::ConfigStore;
+use crate::state::StatePool;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -21,7 +20,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use pingora_load_balancing::{Backend, HealthRegistry};
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,20 +39,6 @@ pub struct HealthSettings {
 }
 
 impl HealthSettings {
-    pub fn from_spec(
-        spec: &HealthCheckSpec,
-        interval: Duration,
-        connect_timeout: Duration,
-    ) -> Self {
-        HealthSettings {
-            http_path: spec.http_path.clone(),
-            interval,
-            healthy_after: spec.healthy_after,
-            unhealthy_after: spec.unhealthy_after,
-            connect_timeout,
-        }
-    }
-
     fn build_check(&self, upstream: &str) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
         let Some(path) = &self.http_path else {
             let mut tcp = TcpHealthCheck::new();
@@ -99,7 +83,7 @@ pub struct HealthProbe {
 }
 
 impl HealthProbe {
-    fn new(upstream: &str, settings: HealthSettings) -> Result<Self, String> {
+    pub fn new(upstream: &str, settings: HealthSettings) -> Result<Self, String> {
         let registry = HealthRegistry::with_equivalence(address_key);
         registry.set_health_check(settings.build_check(upstream)?);
         Ok(HealthProbe {
@@ -133,43 +117,15 @@ fn address_key(backend: &Backend) -> u64 {
     hasher.finish()
 }
 
-/// Probes by upstream name, carried from one snapshot to the next.
-#[derive(Default)]
-pub struct HealthPool {
-    probes: Mutex<HashMap<String, Arc<HealthProbe>>>,
-}
-
-impl HealthPool {
-    /// The probe for `upstream`: the existing one if its settings are
-    /// unchanged, else a new one (starting with every target healthy).
-    pub fn probe(
-        &self,
-        upstream: &str,
-        settings: HealthSettings,
-    ) -> Result<Arc<HealthProbe>, String> {
-        let probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(probe) = probes.get(upstream) {
-            if probe.settings == settings {
-                return Ok(Arc::clone(probe));
-            }
-        }
-        Ok(Arc::new(HealthProbe::new(upstream, settings)?))
-    }
-
-    /// Keeps exactly the probes the newly active snapshot uses.
-    pub fn retain(&self, active: HashMap<String, Arc<HealthProbe>>) {
-        *self.probes.lock().unwrap_or_else(PoisonError::into_inner) = active;
-    }
-}
-
-/// The one background task that runs every due probe of the current snapshot.
+/// The one background task that runs every due probe of the running
+/// snapshot: the pool holds exactly those.
 pub struct HealthService {
-    store: Arc<ConfigStore>,
+    probes: Arc<StatePool<HealthSettings, HealthProbe>>,
 }
 
 impl HealthService {
-    pub fn new(store: Arc<ConfigStore>) -> Self {
-        HealthService { store }
+    pub fn new(probes: Arc<StatePool<HealthSettings, HealthProbe>>) -> Self {
+        HealthService { probes }
     }
 }
 
@@ -178,14 +134,11 @@ impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             let now = Instant::now();
-            for cluster in &self.store.current().clusters {
-                if let Some(probe) = &cluster.health {
-                    if probe.claim(now) {
-                        let probe = Arc::clone(probe);
-                        // Each probe runs on its own so a slow upstream does
-                        // not delay the checks of the others.
-                        tokio::spawn(async move { probe.run().await });
-                    }
+            for probe in self.probes.active() {
+                if probe.claim(now) {
+                    // Each probe runs on its own so a slow upstream does
+                    // not delay the checks of the others.
+                    tokio::spawn(async move { probe.run().await });
                 }
             }
             tokio::select! {

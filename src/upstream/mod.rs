@@ -23,7 +23,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-pub use crate::config::file::Balance;
+/// How a target is chosen for each request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    ConsistentHash,
+    LeastConn,
+}
 
 /// One address of an upstream.
 #[derive(Debug)]

@@ -1,0 +1,180 @@
+//! The store: the running [`Snapshot`] behind an atomic pointer, reloads,
+//! and what must outlive any one snapshot (the state pools, the client
+//! limits the connection loop reads, the `server:` settings the process
+//! started with).
+
+use crate::config::file::ServerSection;
+use crate::config::{self, compile, ConfigError, ConfigErrors};
+use crate::downstream::SharedLimits;
+use crate::snapshot::{Draws, Pools, Snapshot};
+use arc_swap::ArcSwap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Owns the config file path, the current snapshot, and the state that must
+/// outlive any one snapshot.
+pub struct ConfigStore {
+    path: PathBuf,
+    current: ArcSwap<Snapshot>,
+    /// The running snapshot's client limits, for the connection loop.
+    limits: Arc<SharedLimits>,
+    pools: Pools,
+    /// The `server:` section the process started with; changing it takes
+    /// a restart or upgrade.
+    server: ServerSection,
+    /// Serializes reloads and records how they went; requests never take it.
+    status: Mutex<ReloadStatus>,
+}
+
+/// The history an operator asks about: how many configs were loaded, how many
+/// reloads were tried, and why the last one failed, if it did.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    /// 1 for the config loaded at start, +1 per successful reload.
+    pub generation: u64,
+    pub reload_attempts: u64,
+    pub last_reload_error: Option<String>,
+}
+
+impl ConfigStore {
+    /// Loads and compiles the file; the store starts serving that snapshot.
+    pub fn open(path: &Path) -> Result<ConfigStore, ConfigErrors> {
+        let pools = Pools::default();
+        let loaded = load(path, None, &pools)?;
+        pools.commit(loaded.draws);
+        Ok(ConfigStore {
+            path: path.to_owned(),
+            limits: Arc::new(SharedLimits::new(loaded.snapshot.limits)),
+            current: ArcSwap::from_pointee(loaded.snapshot),
+            pools,
+            server: loaded.server,
+            status: Mutex::new(ReloadStatus {
+                generation: 1,
+                ..ReloadStatus::default()
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The running configuration's client limits, kept current across
+    /// reloads.
+    pub fn limits(&self) -> Arc<SharedLimits> {
+        Arc::clone(&self.limits)
+    }
+
+    /// The snapshot new requests should use.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the file and, if it is valid, swaps it in. On any error the
+    /// running snapshot stays as it was. Blocks on file I/O and DNS: call it
+    /// off the request path.
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.reload_attempts += 1;
+        let old = self.current();
+        let loaded = match load(&self.path, Some(&old), &self.pools) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                status.last_reload_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        let new = loaded.snapshot;
+        if new.listen != old.listen || new.admin != old.admin || loaded.server != self.server {
+            log::warn!(
+                "listen, admin and server changes in {} take effect only after a process upgrade",
+                self.path.display()
+            );
+        }
+        self.limits.publish(new.limits);
+        self.current.store(Arc::new(new));
+        // Only now, with the new snapshot running, do the pools drop what
+        // it no longer uses.
+        self.pools.commit(loaded.draws);
+        status.generation += 1;
+        status.last_reload_error = None;
+        Ok(())
+    }
+
+    /// The `server:` settings the process started with.
+    pub fn server(&self) -> &ServerSection {
+        &self.server
+    }
+
+    /// The pools, for the services that work on their states.
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A compiled file, not yet running.
+struct Loaded {
+    snapshot: Snapshot,
+    server: ServerSection,
+    draws: Draws,
+}
+
+/// Reads, parses and compiles the file. The pools are only drawn from: the
+/// caller commits the draws once the snapshot runs.
+fn load(path: &Path, previous: Option<&Snapshot>, pools: &Pools) -> Result<Loaded, ConfigErrors> {
+    // Checked before reading, so a wrong path to a huge file costs nothing.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.len() > config::MAX_FILE_BYTES {
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!(
+                    "{} is {} bytes; at most {} are read",
+                    path.display(),
+                    meta.len(),
+                    config::MAX_FILE_BYTES
+                ),
+            )]));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    // A bug in the compiler must cost a reload, never the process: a panic
+    // is reported like any invalid file and the running snapshot stays.
+    let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let (file, parse_errors) = config::parse_partial(&text)?;
+        compile::compile(file, parse_errors, previous, pools)
+    }));
+    match compiled {
+        Ok(result) => {
+            let compiled = result?;
+            Ok(Loaded {
+                snapshot: compiled.snapshot,
+                server: compiled.server,
+                draws: compiled.draws,
+            })
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("internal error while compiling {}: {what}", path.display()),
+            )]))
+        }
+    }
+}
