@@ -21,8 +21,9 @@ pub struct Snapshot {
     /// Whether a sane client `X-Request-Id` is kept.
     pub trust_request_id: bool,
     pub index: RouteIndex,
-    /// Routes in file order; the index refers to them by position.
-    pub routes: Vec<Route>,
+    /// Routes in file order; the index refers to them by position. Shared,
+    /// so a request holds its route, not the whole snapshot.
+    pub routes: Vec<Arc<Route>>,
     /// Upstreams in name order; routes refer to them by position.
     pub clusters: Vec<Arc<Cluster>>,
     pub listen: Vec<SocketAddr>,

@@ -66,6 +66,12 @@ impl ConfigStore {
         Arc::clone(&self.limits)
     }
 
+    /// The snapshot new requests should use, for the start of a request:
+    /// no reference count is taken, so hold it only briefly.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
     /// The snapshot new requests should use.
     pub fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()

@@ -12,6 +12,7 @@ use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
+    RoutePolicy,
 };
 use crate::snapshot::{Draws, Pools, Snapshot};
 use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
@@ -169,7 +170,7 @@ pub fn compile(
         if let Some(conflict) = conflict {
             let other = routes
                 .get(conflict.existing)
-                .map_or("(unknown)", |r: &Route| r.name.as_str());
+                .map_or("(unknown)", |r: &Arc<Route>| r.name.as_str());
             errors.add(
                 &at,
                 format!(
@@ -201,10 +202,12 @@ pub fn compile(
             .timeout
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
-        routes.push(Route {
-            timeout,
-            max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
-            websocket: spec.websocket,
+        routes.push(Arc::new(Route {
+            policy: RoutePolicy {
+                timeout,
+                max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
+                websocket: spec.websocket,
+            },
             name: spec.name.clone(),
             upstream,
             strip_prefix: match (&keys.path, spec.strip_prefix) {
@@ -217,7 +220,7 @@ pub fn compile(
             },
             request_headers,
             response_headers,
-        });
+        }));
     }
 
     if !errors.0.is_empty() {

@@ -25,12 +25,31 @@ pub struct Route {
     pub strip_segments: usize,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// What the route demands of a request, resolved when the config
+    /// compiled.
+    pub policy: RoutePolicy,
+}
+
+/// A route's per-request policy, compiled once: the request path only
+/// reads it. Authentication and limits join it as they land.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePolicy {
     /// From request start to the response head, all attempts together.
     pub timeout: Option<std::time::Duration>,
     /// The largest request body accepted.
     pub max_body_bytes: u64,
     /// Whether WebSocket upgrades are passed through.
     pub websocket: bool,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            timeout: None,
+            max_body_bytes: u64::MAX,
+            websocket: false,
+        }
+    }
 }
 
 impl Route {
@@ -171,9 +190,7 @@ mod tests {
             strip_segments: 2,
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
-            timeout: None,
-            max_body_bytes: u64::MAX,
-            websocket: false,
+            policy: RoutePolicy::default(),
         };
         assert_eq!(route.upstream_path("/api/users/7"), "/7");
         assert_eq!(route.upstream_path("/api/users"), "/");

@@ -1,0 +1,108 @@
+//! What a request carries from one phase to the next, grouped by concern.
+
+use crate::error::GatewayError;
+use crate::router::Route;
+use crate::upstream::{Cluster, InFlight};
+use http::HeaderValue;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Per-request state.
+pub struct RequestCtx {
+    /// The route and upstream the request matched: only these are held, not
+    /// the whole snapshot, so a long request pins no more than it uses.
+    pub matched: Option<RouteMatch>,
+    pub client: Client,
+    pub id: RequestId,
+    pub attempt: Attempt,
+    pub timing: Timing,
+    /// Set when the gateway decides the outcome itself.
+    pub outcome: Option<GatewayError>,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            matched: None,
+            client: Client { ip: None },
+            id: RequestId {
+                value: HeaderValue::from_static(""),
+                generated: false,
+            },
+            attempt: Attempt {
+                target: None,
+                tried: Vec::new(),
+                failures: 0,
+                last_failure: None,
+            },
+            timing: Timing {
+                deadline: None,
+                interim_deadline: None,
+            },
+            outcome: None,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The route a request matched, its upstream, and the path it goes on with.
+pub struct RouteMatch {
+    pub route: Arc<Route>,
+    pub cluster: Arc<Cluster>,
+    /// The normalized path, when it differs from the request's own.
+    pub normalized_path: Option<String>,
+    /// The path carries `;parameters`, so it was matched without them and
+    /// a stripped prefix is cut by segments.
+    pub path_parameters: bool,
+}
+
+/// Who is calling, resolved once per request.
+pub struct Client {
+    pub ip: Option<IpAddr>,
+}
+
+/// The request id, kept from the client or generated.
+pub struct RequestId {
+    pub value: HeaderValue,
+    /// Whether `value` replaces what the client sent (or did not send).
+    pub generated: bool,
+}
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.value.as_bytes()).unwrap_or("")
+    }
+}
+
+/// The current attempt at an upstream, and those that failed before it.
+pub struct Attempt {
+    /// The chosen target of the current attempt and its load accounting.
+    pub target: Option<(usize, InFlight)>,
+    /// Targets that failed this request; retries go elsewhere.
+    pub tried: Vec<SocketAddr>,
+    /// Failed attempts counted against the upstream's `retries`.
+    pub failures: u32,
+    /// How the last failed attempt failed, reported if no target is left.
+    pub last_failure: Option<GatewayError>,
+}
+
+/// Deadlines that span attempts.
+pub struct Timing {
+    /// The route's `timeout`: when the response head must have come.
+    pub deadline: Option<Instant>,
+    /// When interim (1xx) responses stop counting as an answer: the
+    /// upstream's read timeout, from the first one.
+    pub interim_deadline: Option<Instant>,
+}
+
+impl Timing {
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}

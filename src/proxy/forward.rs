@@ -1,0 +1,141 @@
+//! The request the upstream sees: the normalized (and possibly stripped)
+//! path, forwarding headers, a Host, the request id, the route's header
+//! edits.
+
+use super::ctx::{RequestCtx, RouteMatch};
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use std::fmt::Write;
+use std::net::IpAddr;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Names of the headers tollgate adds, as Pingora's case-preserving header
+/// names. Pingora turns a non-standard `HeaderName` into a freshly allocated
+/// title-cased copy on every insert; a static name skips that copy.
+pub fn case_name(name: &'static str) -> Bytes {
+    Bytes::from_static(name.as_bytes())
+}
+
+/// The path (and query) the upstream gets: normalized, prefix stripped,
+/// always in origin form.
+pub fn set_path(upstream_request: &mut RequestHeader, m: &RouteMatch) -> Result<()> {
+    let current = upstream_request.uri.path();
+    let normalized = m.normalized_path.as_deref().unwrap_or(current);
+    let forward = if m.path_parameters {
+        m.route.upstream_path_by_segments(normalized)
+    } else {
+        m.route.upstream_path(normalized)
+    };
+    let absolute_form = !upstream_request.raw_path().starts_with(b"/");
+    if forward != current || absolute_form {
+        let target = match upstream_request.uri.query() {
+            Some(q) => format!("{forward}?{q}"),
+            None => forward.to_owned(),
+        };
+        upstream_request.set_raw_path(target.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `X-Forwarded-For` (the client's list with the client appended),
+/// `X-Forwarded-Proto`, `X-Forwarded-Host`; and a `Host` for a request
+/// that came without one (HTTP/1.0).
+pub fn set_forwarding_headers(
+    session: &Session,
+    upstream_request: &mut RequestHeader,
+    ctx: &RequestCtx,
+    m: &RouteMatch,
+) -> Result<()> {
+    if let Some(ip) = ctx.client.ip {
+        let mut xff = String::with_capacity(48);
+        for prior in upstream_request.headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(prior) = prior.to_str() {
+                xff.push_str(prior);
+                xff.push_str(", ");
+            }
+        }
+        push_ip(&mut xff, ip);
+        upstream_request.insert_header(case_name("X-Forwarded-For"), xff)?;
+    }
+    // A `&str` value would be copied into a new allocation per request.
+    upstream_request.insert_header(
+        case_name("X-Forwarded-Proto"),
+        HeaderValue::from_static("http"),
+    )?;
+    match session.req_header().headers.get(HOST) {
+        Some(host) => {
+            upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
+        }
+        // Only an HTTP/1.0 request may come without Host; the upstream
+        // still gets one: the target's authority, or the upstream's name.
+        None => {
+            let authority = session.req_header().uri.authority().map(|a| a.as_str());
+            if let Some(host) = authority.or(Some(m.cluster.name.as_str())) {
+                upstream_request.insert_header(HOST, host)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The request id goes on only when tollgate chose it; a kept client id
+/// is already the request's one `X-Request-Id`.
+pub fn set_request_id(upstream_request: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
+    if ctx.id.generated {
+        upstream_request.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
+    }
+    Ok(())
+}
+
+/// Appends `ip` in its usual text form. IPv4, nearly every request, is
+/// written digit by digit: `Display` goes through the formatting machinery,
+/// several times the cost.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        // Writing into a String cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_ip_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "203.0.113.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The `ProxyHttp` implementation: one short method per Pingora phase, each a
+//! sequence of named steps. Read top to bottom, it is the request's path
+//! through the gateway.
+//!
+//! - [`ctx`]: what a request carries between phases;
+//! - [`request`]: request id, route, the route's rules for the request;
+//! - [`forward`]: the request the upstream sees;
+//! - [`response`]: the checks on an upstream's answer, and what every
+//!   answer carries;
+//! - [`retry`]: whether a failed attempt goes to another target;
+//! - [`respond`]: the one path for every answer the gateway makes itself.
+
+pub mod ctx;
+pub mod forward;
+pub mod request;
+pub mod respond;
+pub mod response;
+pub mod retry;
+
+use crate::error::GatewayError;
+use crate::store::ConfigStore;
+use crate::upstream::Balance;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ctx::RequestCtx;
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use respond::{classify, fail, respond};
+use retry::{decide, Decision, Failure, FailureKind};
+use std::sync::Arc;
+
+/// The gateway: a handle on the running configuration.
+pub struct Gateway {
+    store: Arc<ConfigStore>,
+}
+
+impl Gateway {
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        Gateway { store }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora's default registers a compression
+    /// module that is switched off, yet still costs every request two
+    /// allocations and a call per phase; tollgate does not compress.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Runs first for every request: begin (snapshot, request id, client),
+    /// then route, then the route's rules; answers itself (400, 404, 405,
+    /// 413) or lets the request go on.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Begin.
+        let snapshot = self.store.load();
+        request::settle_request_id(&snapshot, session.req_header(), ctx);
+        ctx.client.ip = request::client_ip(session);
+        let facts = request::head_facts(session);
+
+        // Route, and the route's rules for this request.
+        let admitted = request::route(&snapshot, session.req_header()).and_then(|m| {
+            request::check_body_size(&m, facts)?;
+            Ok(m)
+        });
+        drop(snapshot);
+        let m = match admitted {
+            Ok(m) => m,
+            Err(rejection) => {
+                respond(session, ctx, rejection).await?;
+                return Ok(true);
+            }
+        };
+        request::start_deadline(&m, ctx);
+        request::apply_protocol_rules(session, &m, facts);
+        ctx.matched = Some(m);
+        Ok(false)
+    }
+
+    /// Counts the body as it streams (chunked bodies declare no length)
+    /// against the route's limit.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A tunnel's traffic is not a body; a retry replays bytes already
+        // counted, so the count is what was read from the client.
+        if body.is_none() || session.was_upgraded() {
+            return Ok(());
+        }
+        let limit = ctx
+            .matched
+            .as_ref()
+            .map_or(0, |m| m.route.policy.max_body_bytes);
+        if session.body_bytes_read() as u64 > limit {
+            ctx.outcome = Some(GatewayError::BodyTooLarge);
+            return fail(
+                GatewayError::BodyTooLarge,
+                "request body over the route's limit",
+            );
+        }
+        Ok(())
+    }
+
+    /// Picks a healthy target of the route's upstream that this request has
+    /// not already failed on, with what is left of the route's timeout.
+    /// Called again for each retry.
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // Drop the previous attempt's load accounting before choosing again.
+        ctx.attempt.target = None;
+        let Some(m) = ctx.matched.as_ref() else {
+            ctx.outcome = Some(GatewayError::Internal);
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
+        };
+        let cluster = Arc::clone(&m.cluster);
+        let mut ip_buf = [0u8; 16];
+        let key = if cluster.balance == Balance::ConsistentHash {
+            request::hash_key(&cluster.hash_key, session, ctx, m, &mut ip_buf)
+        } else {
+            &[]
+        };
+        let Some(index) = cluster.select(key, &ctx.attempt.tried) else {
+            let error = ctx
+                .attempt
+                .last_failure
+                .unwrap_or(GatewayError::NoHealthyTarget);
+            ctx.outcome = Some(error);
+            return fail(error, error.message());
+        };
+        let mut peer = cluster
+            .peer(index)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "selected target vanished"))?;
+        if let Some(deadline) = ctx.timing.deadline {
+            // The route's timeout bounds all attempts together: this one
+            // gets what is left of it.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                ctx.outcome = Some(GatewayError::UpstreamTimeout);
+                return fail(GatewayError::UpstreamTimeout, "route timeout");
+            }
+            let options = &mut peer.options;
+            for t in [
+                &mut options.connection_timeout,
+                &mut options.read_timeout,
+                &mut options.write_timeout,
+            ] {
+                *t = Some(t.map_or(left, |t| t.min(left)));
+            }
+        }
+        ctx.attempt.target = Some((index, cluster.acquire(index)));
+        Ok(peer)
+    }
+
+    /// Shapes the request the upstream sees. Without a route nothing is
+    /// forwarded.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(m) = ctx.matched.as_ref() else {
+            ctx.outcome = Some(GatewayError::Internal);
+            return Error::e_explain(ErrorType::InternalError, "forwarding without a route");
+        };
+        forward::set_path(upstream_request, m)?;
+        forward::set_forwarding_headers(session, upstream_request, ctx, m)?;
+        forward::set_request_id(upstream_request, ctx)?;
+        m.route.request_headers.apply(upstream_request);
+        Ok(())
+    }
+
+    /// Checks the upstream's response head before anything of it is
+    /// relayed.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(m) = ctx.matched.as_ref() else {
+            return fail(GatewayError::Internal, "a response without a route");
+        };
+        let m_cluster = Arc::clone(&m.cluster);
+        response::check_status(upstream_response)?;
+        response::check_interim(upstream_response, &mut ctx.timing, &m_cluster)?;
+        response::strip_hop_by_hop(upstream_response)?;
+        response::accept_upgrade(session, upstream_response)?;
+        Ok(())
+    }
+
+    /// What every answer to the client carries: tollgate's HTTP version,
+    /// the request id, the route's response header edits.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        response::fit_client_version(session, upstream_response);
+        response::echo_request_id(upstream_response, ctx)?;
+        if let Some(m) = ctx.matched.as_ref() {
+            m.route.response_headers.apply(upstream_response);
+        }
+        Ok(())
+    }
+
+    /// A connect failure never reached the upstream: see [`retry::decide`].
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let failure = self.failure(ctx, FailureKind::ConnectFailure, true, |f| f);
+        let decision = decide(&failure);
+        self.record_failure(peer, ctx, &e, decision);
+        e.set_retry(matches!(decision, Decision::Retry { .. }));
+        e
+    }
+
+    /// The request may have reached the upstream: see [`retry::decide`].
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        let body_done = session.is_body_done();
+        let failure = self.failure(ctx, FailureKind::of(&e), Failure::from_upstream(&e), |f| {
+            Failure {
+                reading: matches!(e.etype(), ErrorType::ReadTimedout),
+                stale_pooled: Failure::stale_pooled(&e, client_reused),
+                idempotent: session.req_header().method.is_idempotent(),
+                body_replayable: body_done && !session.as_ref().retry_buffer_truncated(),
+                body_incomplete: !body_done,
+                response_started: session.response_written().is_some(),
+                ..f
+            }
+        });
+        let decision = decide(&failure);
+        match decision {
+            Decision::ClientStalled => ctx.outcome = Some(GatewayError::RequestTimeout),
+            Decision::Retry { counts: true } | Decision::Stop if failure.from_upstream => {
+                self.record_failure(peer, ctx, &e, decision)
+            }
+            _ => {}
+        }
+        e.set_retry(matches!(decision, Decision::Retry { .. }));
+        e
+    }
+
+    /// The final error of a request that was meant to be proxied: answer
+    /// with the JSON error, unless a response already started.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let Some(error) = ctx.outcome.take().or_else(|| classify(e)) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        // Interim (1xx) responses may have gone out; a final one may not.
+        // After a 101 the connection is a tunnel: nothing more is written.
+        let final_written = session.was_upgraded()
+            || session
+                .response_written()
+                .is_some_and(|r| r.status == 101 || !r.status.is_informational());
+        if !final_written {
+            if let Err(write_error) = respond(session, ctx, error.into()).await {
+                log::debug!("could not send error response: {write_error}");
+            }
+        }
+        ctx.outcome = Some(error);
+        FailToProxy {
+            error_code: error.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Runs once per request, whatever happened.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.attempt.target = None;
+        if log::log_enabled!(target: "tollgate::access", log::Level::Debug) {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            let route = ctx.matched.as_ref().map_or("-", |m| m.route.name.as_str());
+            log::debug!(
+                target: "tollgate::access",
+                "{} {} {} route={} status={} id={} error={}",
+                ctx.client.ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                session.req_header().method,
+                session.req_header().uri,
+                route,
+                status,
+                ctx.id.as_str(),
+                e.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+            );
+        }
+    }
+
+    /// Gateway-made errors (404s, client disconnects) are outcomes, not
+    /// faults of the gateway; keep them out of the error log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        matches!(
+            ctx.outcome,
+            Some(
+                GatewayError::NoRoute
+                    | GatewayError::MethodNotAllowed
+                    | GatewayError::BadRequest(_)
+                    | GatewayError::RequestTimeout
+                    | GatewayError::BodyTooLarge
+            )
+        ) || matches!(
+            (error.esource(), error.etype()),
+            (
+                ErrorSource::Downstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+        )
+    }
+}
+
+impl Gateway {
+    /// The facts of a failed attempt that do not depend on how it failed,
+    /// completed by `with` for an error after connecting.
+    fn failure(
+        &self,
+        ctx: &RequestCtx,
+        kind: FailureKind,
+        from_upstream: bool,
+        with: impl FnOnce(Failure) -> Failure,
+    ) -> Failure {
+        let (retries, retry_on) = ctx.matched.as_ref().map_or((0, Default::default()), |m| {
+            (m.cluster.retries, m.cluster.retry_on)
+        });
+        with(Failure {
+            kind,
+            reading: true,
+            from_upstream,
+            stale_pooled: false,
+            idempotent: true,
+            body_replayable: true,
+            body_incomplete: false,
+            response_started: false,
+            // This failure counts if it is retried or reported.
+            failures: ctx.attempt.failures + 1,
+            retries,
+            retry_on,
+            past_deadline: ctx.timing.past_deadline(),
+        })
+    }
+
+    /// Remembers a failed target, so a retry goes elsewhere, and how it
+    /// failed, in case no target is left.
+    fn record_failure(&self, peer: &HttpPeer, ctx: &mut RequestCtx, e: &Error, decision: Decision) {
+        if decision == (Decision::Retry { counts: false }) {
+            return;
+        }
+        if let Some(addr) = peer.address().as_inet() {
+            ctx.attempt.tried.push(*addr);
+        }
+        ctx.attempt.failures += 1;
+        ctx.attempt.last_failure = classify(e);
+    }
+}

@@ -1,0 +1,194 @@
+//! The request side of `request_filter`: which request id, which route,
+//! and the route's rules for this request (body size, upgrades, the
+//! client's protocol version).
+
+use super::ctx::{RequestCtx, RouteMatch};
+use super::respond::Rejection;
+use crate::downstream::head::HeadFacts;
+use crate::downstream::stream::RequestStream;
+use crate::error::GatewayError;
+use crate::observe::request_id;
+use crate::router::{normalize_path, routing_host, without_parameters, Lookup};
+use crate::snapshot::Snapshot;
+use crate::upstream::HashKey;
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, UPGRADE};
+use http::{HeaderName, HeaderValue, Version};
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's IP address, resolved once.
+pub fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr()?.as_inet().map(SocketAddr::ip)
+}
+
+/// Keeps a sane client id when the config trusts them (the head check left
+/// at most one), else generates one.
+pub fn settle_request_id(snapshot: &Snapshot, req: &RequestHeader, ctx: &mut RequestCtx) {
+    match req.headers.get(&X_REQUEST_ID) {
+        Some(id) if snapshot.trust_request_id && request_id::is_sane(id.as_bytes()) => {
+            ctx.id.value = id.clone();
+        }
+        _ => {
+            ctx.id.value = request_id::generate();
+            ctx.id.generated = true;
+        }
+    }
+}
+
+/// Normalizes the path and finds the route: host, then path (without its
+/// `;parameters`), then method.
+pub fn route(snapshot: &Snapshot, req: &RequestHeader) -> Result<RouteMatch, Rejection> {
+    let path = normalize_path(req.uri.path()).map_err(|e| GatewayError::BadRequest(e.message()))?;
+    let host = match req.headers.get(HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri.host(),
+    };
+    let host = host.and_then(routing_host);
+    // A path with `;` always takes normalization's slow path, so only an
+    // owned path can carry parameters.
+    let matched = match &path {
+        Cow::Owned(p) => without_parameters(p),
+        Cow::Borrowed(p) => Cow::Borrowed(*p),
+    };
+    let index = match snapshot
+        .index
+        .lookup(host.as_deref(), &matched, &req.method)
+    {
+        Lookup::Route(index) => index,
+        Lookup::MethodNotAllowed(allow) => {
+            return Err(Rejection {
+                error: GatewayError::MethodNotAllowed,
+                allow: Some(allow),
+            })
+        }
+        Lookup::NotFound => return Err(GatewayError::NoRoute.into()),
+    };
+    // Both exist by construction; a missing one answers 500, never
+    // forwards.
+    let route = snapshot.routes.get(index).ok_or(GatewayError::Internal)?;
+    let cluster = snapshot
+        .clusters
+        .get(route.upstream)
+        .ok_or(GatewayError::Internal)?;
+    let normalized_path = match path {
+        Cow::Owned(p) => Some(p),
+        Cow::Borrowed(_) => None,
+    };
+    Ok(RouteMatch {
+        route: Arc::clone(route),
+        cluster: Arc::clone(cluster),
+        path_parameters: normalized_path.as_deref().is_some_and(|p| p.contains(';')),
+        normalized_path,
+    })
+}
+
+/// What the connection loop's head check learned about this request, or
+/// the same looked up in the parsed header (a connection not from that
+/// loop).
+pub fn head_facts(session: &Session) -> HeadFacts {
+    if let Some(stream) = session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<RequestStream>())
+    {
+        return stream.facts();
+    }
+    let req = session.req_header();
+    HeadFacts {
+        upgrade: req.headers.contains_key(UPGRADE),
+        length: req
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok()),
+    }
+}
+
+/// A body declared larger than the route accepts is refused before any of
+/// it is read or forwarded.
+pub fn check_body_size(m: &RouteMatch, facts: HeadFacts) -> Result<(), Rejection> {
+    match facts.length {
+        Some(len) if len > m.route.policy.max_body_bytes => Err(GatewayError::BodyTooLarge.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The route's timeout runs from here.
+pub fn start_deadline(m: &RouteMatch, ctx: &mut RequestCtx) {
+    ctx.timing.deadline = m.route.policy.timeout.map(|t| Instant::now() + t);
+}
+
+/// Rules of the client's protocol version for a request about to be
+/// proxied: only WebSocket routes upgrade, and only from an HTTP/1.1
+/// request that asks with `Connection: upgrade`; an HTTP/1.0 client gets
+/// no interim responses.
+pub fn apply_protocol_rules(session: &mut Session, m: &RouteMatch, facts: HeadFacts) {
+    let req = session.req_header();
+    let http10 = req.version == Version::HTTP_10;
+    if facts.upgrade {
+        let allowed = m.route.policy.websocket
+            && req.version == Version::HTTP_11
+            && req
+                .headers
+                .get_all(CONNECTION)
+                .iter()
+                .any(|v| connection_lists(v, "upgrade"));
+        if !allowed {
+            // Without it Pingora treats the request as an ordinary one, and
+            // a 101 answering it as the upstream's error.
+            session.req_header_mut().remove_header(&UPGRADE);
+        }
+    }
+    if http10 {
+        session.req_header_mut().remove_header(&EXPECT);
+        session.set_ignore_info_resp(true);
+    }
+}
+
+/// Whether a `Connection` value lists `token`.
+fn connection_lists(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The bytes a consistent-hash upstream hashes for this request.
+pub fn hash_key<'a>(
+    key: &HashKey,
+    session: &'a Session,
+    ctx: &'a RequestCtx,
+    m: &'a RouteMatch,
+    ip_buf: &'a mut [u8; 16],
+) -> &'a [u8] {
+    let ip_bytes = |buf: &'a mut [u8; 16]| -> &'a [u8] {
+        match ctx.client.ip {
+            Some(IpAddr::V4(v4)) => {
+                buf[..4].copy_from_slice(&v4.octets());
+                &buf[..4]
+            }
+            Some(IpAddr::V6(v6)) => {
+                *buf = v6.octets();
+                &buf[..]
+            }
+            None => &[],
+        }
+    };
+    match key {
+        HashKey::ClientIp => ip_bytes(ip_buf),
+        HashKey::Path => m
+            .normalized_path
+            .as_deref()
+            .unwrap_or(session.req_header().uri.path())
+            .as_bytes(),
+        HashKey::Header(name) => match session.req_header().headers.get(name) {
+            Some(v) => v.as_bytes(),
+            None => ip_bytes(ip_buf),
+        },
+    }
+}

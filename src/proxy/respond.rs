@@ -1,0 +1,86 @@
+//! Responses the gateway makes itself, on one path: every rejection and
+//! every failure to proxy ends here as the JSON error with the request id,
+//! plus whatever headers the rejection carries (`Allow` now; later
+//! `WWW-Authenticate`, `Retry-After`).
+
+use super::ctx::RequestCtx;
+use super::forward::case_name;
+use crate::error::GatewayError;
+use http::header::ALLOW;
+use http::HeaderValue;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::Session;
+
+/// A request the gateway answers instead of an upstream.
+pub struct Rejection {
+    pub error: GatewayError,
+    /// The `Allow` value of a 405.
+    pub allow: Option<HeaderValue>,
+}
+
+impl From<GatewayError> for Rejection {
+    fn from(error: GatewayError) -> Self {
+        Rejection { error, allow: None }
+    }
+}
+
+/// Writes the JSON error for `rejection`. A request whose body was not read
+/// gets `Connection: close` (Pingora adds it) and a lingering close (the
+/// connection's own), so its unread bytes are never taken for a request.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    rejection: Rejection,
+) -> Result<()> {
+    let error = rejection.error;
+    ctx.outcome = Some(error);
+    let body = error.body(ctx.id.as_str());
+    let mut resp = error.header(body.len());
+    resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
+    if let Some(allow) = rejection.allow {
+        resp.insert_header(ALLOW, allow)?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// How a proxy error is reported to the client; `None` when nobody is left
+/// to answer.
+pub fn classify(e: &Error) -> Option<GatewayError> {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(502)) => Some(GatewayError::UpstreamError),
+        (_, HTTPStatus(504)) => Some(GatewayError::UpstreamTimeout),
+        (_, HTTPStatus(400)) => Some(GatewayError::BadRequest("the request is malformed")),
+        (_, HTTPStatus(408)) => Some(GatewayError::RequestTimeout),
+        (_, HTTPStatus(413)) => Some(GatewayError::BodyTooLarge),
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
+            Some(GatewayError::UpstreamTimeout)
+        }
+        (
+            ErrorSource::Upstream,
+            ConnectRefused | ConnectNoRoute | ConnectError | SocketError | ConnectProxyFailure
+            | TLSHandshakeFailure | TLSHandshakeTimedout | HandshakeError,
+        ) => Some(GatewayError::ConnectFailed),
+        (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamError),
+        // The client went away: nobody is left to answer.
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+        // The client stopped sending its body: its fault, and answered.
+        (ErrorSource::Downstream, ReadTimedout) => Some(GatewayError::RequestTimeout),
+        (ErrorSource::Downstream, WriteTimedout) => None,
+        (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest("the request is malformed")),
+        _ => Some(GatewayError::Internal),
+    }
+}
+
+/// An error that makes Pingora answer with status `error` (through
+/// `fail_to_proxy`, which writes the JSON).
+pub fn fail<T>(error: GatewayError, why: &'static str) -> Result<T> {
+    Error::e_explain(ErrorType::HTTPStatus(error.status()), why)
+}
