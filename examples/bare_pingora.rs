@@ -8,12 +8,12 @@
 //! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`
 
 use async_trait::async_trait;
-use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::Server;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_load_balancing::selection::RoundRobin;
-use pingora_load_balancing::LoadBalancer;
-use pingora_proxy::{ProxyHttp, Session};
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::LoadBalancer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::upstreams::peer::HttpPeer;
 use std::sync::Arc;
 
 struct Bare(Arc<LoadBalancer<RoundRobin>>);
@@ -28,11 +28,11 @@ impl ProxyHttp for Bare {
         &self,
         _session: &mut Session,
         _ctx: &mut (),
-    ) -> pingora_error::Result<Box<HttpPeer>> {
+    ) -> pingora::Result<Box<HttpPeer>> {
         let backend = self
             .0
             .select(b"", 256)
-            .ok_or_else(|| pingora_error::Error::new_str("no upstream"))?;
+            .ok_or_else(|| pingora::Error::new_str("no upstream"))?;
         Ok(Box::new(HttpPeer::new(backend, false, String::new())))
     }
 }
@@ -60,7 +60,7 @@ fn main() {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy =
-        pingora_proxy::http_proxy_service(&server.configuration, Bare(Arc::new(upstreams)));
+        pingora::proxy::http_proxy_service(&server.configuration, Bare(Arc::new(upstreams)));
     proxy.add_tcp(&args[1]);
     server.add_service(proxy);
     server.run_forever();

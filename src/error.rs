@@ -3,7 +3,7 @@
 //! so clients and dashboards parse one format whatever went wrong.
 
 use bytes::Bytes;
-use pingora_http::ResponseHeader;
+use pingora::http::ResponseHeader;
 
 /// Why the gateway answered instead of an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,12 +4,12 @@
 //! `-u` (take over the listeners of a running instance) keep their Pingora
 //! meaning.
 
-use pingora_core::listeners::ListenerConfig;
-use pingora_core::protocols::l4::stream::L4BufferSettings;
-use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
-use pingora_core::services::background::background_service;
-use pingora_core::services::listening::Service;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     server.bootstrap();
     let store = Arc::new(store);
 
-    let proxy = pingora_proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
+    let proxy = pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
     let connections = Arc::new(ConnectionGauge::default());
     let mut proxy = Service::new(
         "tollgate".to_owned(),

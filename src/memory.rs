@@ -10,8 +10,8 @@
 
 use crate::downstream::ConnectionGauge;
 use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use std::time::Duration;
 

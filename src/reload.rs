@@ -2,8 +2,8 @@
 
 use crate::store::ConfigStore;
 use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 

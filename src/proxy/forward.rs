@@ -6,9 +6,9 @@ use super::ctx::{RequestCtx, RouteMatch};
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderName, HeaderValue};
-use pingora_error::Result;
-use pingora_http::RequestHeader;
-use pingora_proxy::Session;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use pingora::Result;
 use std::fmt::Write;
 use std::net::IpAddr;
 

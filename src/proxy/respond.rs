@@ -8,8 +8,8 @@ use super::forward::case_name;
 use crate::error::GatewayError;
 use http::header::ALLOW;
 use http::HeaderValue;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
-use pingora_proxy::Session;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType, Result};
 
 /// A request the gateway answers instead of an upstream.
 pub struct Rejection {

@@ -9,9 +9,9 @@ use crate::error::GatewayError;
 use crate::upstream::Cluster;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderName, Version};
-use pingora_error::Result;
-use pingora_http::ResponseHeader;
-use pingora_proxy::Session;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
 use std::time::Instant;
 
 /// A status outside 100-599 is the upstream's error.

@@ -3,7 +3,7 @@
 //! tested as a table.
 
 use crate::upstream::RetryOn;
-use pingora_error::{Error, ErrorSource, ErrorType, RetryType};
+use pingora::{Error, ErrorSource, ErrorType, RetryType};
 
 /// How an attempt failed, as `retry_on` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

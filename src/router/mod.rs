@@ -8,7 +8,7 @@ pub use index::{Conflict, HostPattern, Lookup, PathPattern, RouteIndex, RouteInd
 pub use normalize::{normalize_path, without_parameters, PathError};
 
 use http::{HeaderName, HeaderValue, Method};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora::http::{RequestHeader, ResponseHeader};
 use std::borrow::Cow;
 
 /// A compiled route: everything the proxy needs once a request matched it.

@@ -9,12 +9,10 @@
 pub mod health;
 
 use health::HealthProbe;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_load_balancing::discovery::Static;
-use pingora_load_balancing::selection::{
-    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
-};
-use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use pingora::lb::discovery::Static;
+use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
+use pingora::lb::{Backend, Backends, LoadBalancer};
+use pingora::upstreams::peer::HttpPeer;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -160,7 +158,7 @@ impl Cluster {
                 addr,
                 weight,
                 backend: Backend {
-                    addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
+                    addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
                     weight: weight as usize,
                     ext: Default::default(),
                 },
@@ -296,7 +294,7 @@ impl Cluster {
 /// registry when it has active checks.
 fn balancer<S>(
     backends: BTreeSet<Backend>,
-    registry: Option<Arc<pingora_load_balancing::HealthRegistry>>,
+    registry: Option<Arc<pingora::lb::HealthRegistry>>,
 ) -> LoadBalancer<S>
 where
     S: BackendSelection + 'static,
