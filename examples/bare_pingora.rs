@@ -7,6 +7,12 @@
 //!
 //! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`
 
+/// The same allocator as tollgate's binary, so the two compare like for
+/// like.
+#[cfg(all(feature = "jemalloc", target_os = "linux"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use async_trait::async_trait;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;

@@ -1,12 +1,16 @@
 //! Gives memory back to the operating system after a crowd of connections
 //! has gone.
 //!
-//! glibc keeps freed memory in its arenas: after 10,000 idle keepalive
-//! clients disconnect, RSS stays where it was (~60 MB) although almost all
-//! of it is free. `malloc_trim` returns the free pages. It walks and locks
-//! the arenas, so it runs rarely and only when it pays: when the number of
-//! open connections has fallen by at least [`TRIM_AFTER_CLOSED`] and to at
-//! most half of its high since the last trim.
+//! Allocators keep freed memory for reuse: after 10,000 idle keepalive
+//! clients disconnect, RSS would stay near its peak although almost all of
+//! it is free. The allocator is asked to hand its free pages back: jemalloc
+//! (the default build) purges every arena; glibc's `malloc_trim` returns
+//! its free pages. Either walks and locks the allocator's arenas, so it
+//! runs rarely and only when it pays: when the number of open connections
+//! has fallen by at least [`TRIM_AFTER_CLOSED`] and to at most half of its
+//! high since the last time. One mechanism: jemalloc's own decay would
+//! also purge, but only as allocation goes on, and an idle process may
+//! never get there.
 
 use crate::downstream::ConnectionGauge;
 use async_trait::async_trait;
@@ -50,7 +54,7 @@ impl BackgroundService for ReturnMemory {
                 self.connections.reset_high();
                 // It takes the allocator's locks for milliseconds: not on a
                 // worker thread.
-                let trimmed = tokio::task::spawn_blocking(trim).await;
+                let trimmed = tokio::task::spawn_blocking(release).await;
                 log::debug!(
                     "open connections fell from {high} to {now}; returned free memory: {trimmed:?}"
                 );
@@ -59,16 +63,30 @@ impl BackgroundService for ReturnMemory {
     }
 }
 
+/// Returns free heap pages to the OS; whether the allocator did.
+#[cfg(all(feature = "jemalloc", target_os = "linux"))]
+fn release() -> bool {
+    // `arena.<i>.purge` with i = MALLCTL_ARENAS_ALL (4096): every arena's
+    // unused dirty pages go back to the OS.
+    const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+    let none = std::ptr::null_mut();
+    // SAFETY: a void mallctl: no value read or written, all pointers null.
+    unsafe { tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr(), none, none.cast(), none, 0) == 0 }
+}
+
 /// Returns free heap pages to the OS; whether any were.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() -> bool {
+#[cfg(all(not(feature = "jemalloc"), target_os = "linux", target_env = "gnu"))]
+fn release() -> bool {
     // SAFETY: malloc_trim takes no pointers and is thread-safe; it only
     // releases memory the allocator holds as free.
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> bool {
+#[cfg(not(any(
+    all(feature = "jemalloc", target_os = "linux"),
+    all(target_os = "linux", target_env = "gnu")
+)))]
+fn release() -> bool {
     false
 }
 

@@ -278,9 +278,9 @@ def start_tollgate(name: str, routes: int, binary: str = "") -> Callable[[], Pro
     return start
 
 
-def start_bare_pingora() -> Proc:
-    return Proc("bare-pingora", [str(ROOT / "target/release/examples/bare_pingora"),
-                                 f"{PROXY[0]}:{PROXY[1]}", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "1"])
+def start_bare_pingora(binary: str = "") -> Proc:
+    exe = binary or str(ROOT / "target/release/examples/bare_pingora")
+    return Proc("bare-pingora", [exe, f"{PROXY[0]}:{PROXY[1]}", f"{UPSTREAM[0]}:{UPSTREAM[1]}", "1"])
 
 
 def start_go_gateway() -> Proc:
@@ -321,6 +321,10 @@ SCENARIOS = [
 # a scenario of its own (ab.py: BENCH_ONLY="tollgate pass-through,tollgate base").
 if os.environ.get("TOLLGATE_BASE"):
     SCENARIOS.append(Scenario("tollgate base", start_tollgate("tollgate-base", 1, os.environ["TOLLGATE_BASE"]),
+                              memory=True))
+# The same for the bare Pingora peer: BARE_BASE=path adds "bare Pingora base".
+if os.environ.get("BARE_BASE"):
+    SCENARIOS.append(Scenario("bare Pingora base", lambda: start_bare_pingora(os.environ["BARE_BASE"]),
                               memory=True))
 
 

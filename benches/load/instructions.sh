@@ -8,6 +8,7 @@
 #   benches/load/instructions.sh tollgate
 #   benches/load/instructions.sh bare
 #   TOLLGATE=/path/to/other/tollgate benches/load/instructions.sh tollgate
+#   BARE=/path/to/other/bare_pingora benches/load/instructions.sh bare
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -19,7 +20,7 @@ case "${1:-tollgate}" in
   tollgate)
     python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; bench.RAW.mkdir(parents=True, exist_ok=True); bench.tollgate_config("tollgate", 1)'
     cmd=("${TOLLGATE:-target/release/tollgate}" -c "$raw/tollgate/tollgate.yaml") ;;
-  bare) cmd=(target/release/examples/bare_pingora 127.0.0.1:18080 127.0.0.1:18000 1) ;;
+  bare) cmd=("${BARE:-target/release/examples/bare_pingora}" 127.0.0.1:18080 127.0.0.1:18000 1) ;;
   *) echo "usage: $0 tollgate|bare" >&2; exit 2 ;;
 esac
 

@@ -139,7 +139,9 @@ where
                 HeadRead::NothingYet => continue,
                 HeadRead::Closed => return None,
                 HeadRead::Refused(rejection) => {
-                    refuse(&mut conn, rejection).await;
+                    // Boxed, as the rare paths below: an inline future makes
+                    // every connection's future, idle ones too, that large.
+                    Box::pin(refuse(&mut conn, rejection)).await;
                     return None;
                 }
             };
@@ -155,23 +157,30 @@ where
                 None => conn.stash.split_to(head.len),
             };
             conn.begin(head.framing, head.facts);
-            let mut session = ServerSession::new_http1(conn);
-            match carried.take() {
-                // Pingora's per-connection state, e.g. the requests left.
-                Some(settings) => settings.apply_to_session(&mut session),
-                None => session.set_keepalive_reuses_remaining(self.reuses()),
-            }
-            // The head is already here; Pingora parses it without a read.
-            session.set_pipelined_prefix(prefix);
-            session.set_keepalive(Some(self.header_timeout_secs()));
-            // Bounds each wait for the next piece of a request body.
-            session.set_read_timeout(Some(limits.body_timeout));
-            let reused = self.inner.process_new_http(session, shutdown).await?;
+            // The session is built in a block of its own: a local whose
+            // scope spans an await is kept in this future even once moved,
+            // and Pingora's session is ~1 KB that every idle connection
+            // would carry.
+            let request = {
+                let mut session = ServerSession::new_http1(conn);
+                match carried.take() {
+                    // Pingora's per-connection state, e.g. the requests left.
+                    Some(settings) => settings.apply_to_session(&mut session),
+                    None => session.set_keepalive_reuses_remaining(self.reuses()),
+                }
+                // The head is already here; Pingora parses it without a read.
+                session.set_pipelined_prefix(prefix);
+                session.set_keepalive(Some(self.header_timeout_secs()));
+                // Bounds each wait for the next piece of a request body.
+                session.set_read_timeout(Some(limits.body_timeout));
+                self.inner.process_new_http(session, shutdown)
+            };
+            let reused = request.await?;
             let stream;
             (stream, carried) = reused.consume();
             conn = stream.into_any().downcast::<RequestStream>().ok()?;
             if !conn.reusable() {
-                conn.linger().await;
+                Box::pin(conn.linger()).await;
                 return None;
             }
             conn.shrink();
@@ -438,6 +447,44 @@ async fn next_request_arrives(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::apps::ReusedHttpStream;
+
+    /// An application that is never reached: the connection below stays
+    /// idle.
+    struct Nothing;
+
+    #[async_trait]
+    impl HttpServerApp for Nothing {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            _session: ServerSession,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<ReusedHttpStream> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_connections_future_stays_small() {
+        // Every open connection holds this future, idle or not, sized for
+        // its largest state: a buffer or a timer kept inline in any state
+        // costs every idle client that much (docs/performance.md, Memory).
+        let app = Arc::new(LeanKeepalive::new(
+            Nothing,
+            KeepaliveSettings {
+                idle_timeout: Some(Duration::from_secs(60)),
+                request_limit: None,
+            },
+            Arc::new(ConnectionGauge::default()),
+            Arc::new(SharedLimits::new(Limits::default())),
+        ));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let stream: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));
+        let future = app.process_new(stream, &shutdown);
+        let size = std::mem::size_of_val(&*future);
+        eprintln!("process_new future: {size} bytes");
+        assert!(size <= 768, "{size} bytes");
+    }
 
     #[tokio::test]
     async fn the_idle_timer_is_never_early_and_rarely_reset() {

@@ -161,7 +161,10 @@ impl RequestStream {
             if !unread {
                 return;
             }
-            let mut sink = [0u8; 4096];
+            // On the heap: a 4 KiB array here would be part of every
+            // connection's future, idle or not (futures are sized for their
+            // largest state), and cost each idle client 4 KiB.
+            let mut sink = vec![0u8; 4096];
             let mut drained = 0;
             while drained < LINGER_BYTES {
                 match inner.read(&mut sink).await {
