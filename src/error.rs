@@ -11,6 +11,10 @@ pub enum GatewayError {
     BadRequest(&'static str),
     NoRoute,
     MethodNotAllowed,
+    /// Missing or invalid credentials.
+    Unauthorized(&'static str),
+    /// A known caller, or client address, the route does not admit.
+    Forbidden(&'static str),
     /// The client took too long to send the request head or body.
     RequestTimeout,
     BodyTooLarge,
@@ -32,6 +36,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => 400,
             GatewayError::NoRoute => 404,
             GatewayError::MethodNotAllowed => 405,
+            GatewayError::Unauthorized(_) => 401,
+            GatewayError::Forbidden(_) => 403,
             GatewayError::RequestTimeout => 408,
             GatewayError::BodyTooLarge => 413,
             GatewayError::UriTooLong => 414,
@@ -52,6 +58,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::NoRoute => "no_route",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::Unauthorized(_) => "unauthorized",
+            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::RequestTimeout => "request_timeout",
             GatewayError::BodyTooLarge => "body_too_large",
             GatewayError::UriTooLong => "uri_too_long",
@@ -69,6 +77,8 @@ impl GatewayError {
     pub fn message(self) -> &'static str {
         match self {
             GatewayError::BadRequest(why)
+            | GatewayError::Unauthorized(why)
+            | GatewayError::Forbidden(why)
             | GatewayError::HeaderTooLarge(why)
             | GatewayError::NotImplemented(why) => why,
             GatewayError::NoRoute => "no route matches this request",

@@ -7,6 +7,7 @@
 //! YAML file ([`config`]) and swapped atomically on SIGHUP ([`reload`]).
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod downstream;
 pub mod error;

@@ -8,6 +8,9 @@ use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSp
 use super::file::{LimitsSpec, SizeText};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
+use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
+use crate::auth::ip::Cidr;
+use crate::auth::{AccessPolicy, Method as AuthMethod};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
 use crate::router::{
@@ -115,6 +118,7 @@ pub fn compile(
     }
     check_server(&file.server, &mut errors);
     let limits = compile_limits(&file.limits, &mut errors);
+    let api_keys = compile_api_keys(&file, &mut errors);
 
     let mut clusters = Vec::new();
     for (name, spec) in &file.upstreams {
@@ -202,11 +206,13 @@ pub fn compile(
             .timeout
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
+        let access = compile_access(&at, spec, &api_keys, &mut errors);
         routes.push(Arc::new(Route {
             policy: RoutePolicy {
                 timeout,
                 max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
                 websocket: spec.websocket,
+                access,
             },
             name: spec.name.clone(),
             upstream,
@@ -301,6 +307,113 @@ fn check_server(server: &ServerSpec, errors: &mut Errors) {
         MAX_SERVER_SECONDS,
         "",
     );
+}
+
+/// The API keys of every consumer, read from `auth.api_keys` (or the
+/// default header) and `consumers`. Keys are digests only.
+fn compile_api_keys(file: &FileConfig, errors: &mut Errors) -> Arc<ApiKeys> {
+    let spec = file.auth.api_keys.as_ref();
+    let header = spec
+        .and_then(|s| s.header.as_deref())
+        .unwrap_or("X-API-Key");
+    let header = match HeaderName::from_bytes(header.as_bytes()) {
+        Ok(h) => h,
+        Err(_) => {
+            errors.add(
+                "auth.api_keys.header",
+                format!("{header:?} is not a valid header name"),
+            );
+            HeaderName::from_static("x-api-key")
+        }
+    };
+    let query = spec.and_then(|s| s.query.clone());
+    if query
+        .as_deref()
+        .is_some_and(|q| q.is_empty() || q.bytes().any(|b| matches!(b, b'&' | b'=' | b'#' | b' ')))
+    {
+        errors.add(
+            "auth.api_keys.query",
+            "must be a plain query parameter name",
+        );
+    }
+    let mut keys = ApiKeys::new(header, query);
+    for (name, consumer) in &file.consumers {
+        let at = format!("consumers.{name}");
+        if !valid_name(name) {
+            errors.add(
+                &at,
+                "consumer names use only letters, digits, '-', '_' and '.'",
+            );
+        }
+        let shared = Arc::new(Consumer {
+            name: name.clone(),
+            groups: consumer.groups.clone(),
+        });
+        for (i, key) in consumer.api_keys.iter().enumerate() {
+            match parse_digest(key) {
+                Ok(digest) => {
+                    if !keys.add(digest, Arc::clone(&shared)) {
+                        errors.add(
+                            format!("{at}.api_keys[{i}]"),
+                            "the same key is configured for another consumer",
+                        );
+                    }
+                }
+                Err(e) => errors.add(format!("{at}.api_keys[{i}]"), e),
+            }
+        }
+    }
+    Arc::new(keys)
+}
+
+/// A route's access rules.
+fn compile_access(
+    at: &str,
+    spec: &RouteSpec,
+    api_keys: &Arc<ApiKeys>,
+    errors: &mut Errors,
+) -> AccessPolicy {
+    let mut policy = AccessPolicy::default();
+    for (i, method) in spec.auth.iter().flatten().enumerate() {
+        match method.as_str() {
+            "api_key" => {
+                policy.methods.push(AuthMethod::ApiKey);
+                policy.api_keys = Some(Arc::clone(api_keys));
+            }
+            other if other.starts_with("jwt:") => errors.add(
+                format!("{at}.auth[{i}]"),
+                format!(
+                    "no JWT provider named {:?} (auth.jwt is not available yet)",
+                    &other[4..]
+                ),
+            ),
+            other => errors.add(
+                format!("{at}.auth[{i}]"),
+                format!("{other:?} is not an authentication method; use api_key"),
+            ),
+        }
+    }
+    if let Some(groups) = &spec.allow_groups {
+        if policy.methods.is_empty() {
+            errors.add(
+                format!("{at}.allow_groups"),
+                "needs auth: a route without authentication has no caller to check",
+            );
+        }
+        policy.allow_groups = groups.clone();
+    }
+    for (key, list, out) in [
+        ("ip_allow", &spec.ip_allow, &mut policy.ip.allow),
+        ("ip_deny", &spec.ip_deny, &mut policy.ip.deny),
+    ] {
+        for (i, text) in list.iter().flatten().enumerate() {
+            match Cidr::parse(text) {
+                Ok(c) => out.push(c),
+                Err(e) => errors.add(format!("{at}.{key}[{i}]"), e),
+            }
+        }
+    }
+    policy
 }
 
 /// Largest head Pingora's parser accepts after tollgate's own check.

@@ -16,6 +16,9 @@ pub struct FileConfig {
     pub listen: Vec<String>,
     pub admin: Option<AdminSpec>,
     pub limits: LimitsSpec,
+    pub auth: AuthSpec,
+    /// Callers known by API key, by name.
+    pub consumers: BTreeMap<String, ConsumerSpec>,
     /// Whether a sane client `X-Request-Id` is kept (else one is generated).
     pub trust_request_id: Option<bool>,
     /// Ordered by name so errors and `/readyz` come out in a stable order.
@@ -236,6 +239,40 @@ pub struct RouteSpec {
     /// Whether WebSocket upgrades are passed through on this route.
     #[serde(default)]
     pub websocket: bool,
+    /// Ways a caller may identify itself; any one suffices. Absent or
+    /// empty: public.
+    pub auth: Option<Vec<String>>,
+    /// Consumer groups admitted; absent: any identified caller.
+    pub allow_groups: Option<Vec<String>>,
+    pub ip_allow: Option<Vec<String>>,
+    pub ip_deny: Option<Vec<String>>,
+}
+
+/// The `auth:` section: how credentials are read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSpec {
+    pub api_keys: Option<ApiKeysSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysSpec {
+    /// The header carrying the key; default `X-API-Key`.
+    pub header: Option<String>,
+    /// A query parameter also accepted; default none.
+    pub query: Option<String>,
+}
+
+/// A caller known by API key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// `sha256:<hex of sha256(key)>`, never the key itself.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The admin listener: an address, or an address with readiness rules.

@@ -10,9 +10,13 @@ pub mod compile;
 pub mod file;
 pub mod values;
 
-use file::{AdminSpec, FileConfig, LimitsSpec, RouteSpec, ServerSection, UpstreamSpec};
+use file::{
+    AdminSpec, AuthSpec, ConsumerSpec, FileConfig, LimitsSpec, RouteSpec, ServerSection,
+    UpstreamSpec,
+};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// One problem in a config file.
@@ -60,7 +64,8 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const TOP_LEVEL_KEYS: &str = "server, listen, admin, limits, trust_request_id, upstreams, routes";
+const TOP_LEVEL_KEYS: &str =
+    "server, listen, admin, limits, trust_request_id, auth, consumers, upstreams, routes";
 
 /// Reads the file's text into its typed form. Each section, each upstream and
 /// each route is deserialized on its own, so one mistake does not hide others.
@@ -119,6 +124,17 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
             "limits" => {
                 if let Some(l) = section::<LimitsSpec>(&key, value, &mut errors) {
                     config.limits = l;
+                }
+            }
+            "auth" => {
+                if let Some(a) = section::<AuthSpec>(&key, value, &mut errors) {
+                    config.auth = a;
+                }
+            }
+            "consumers" => {
+                if let Some(c) = section::<BTreeMap<String, ConsumerSpec>>(&key, value, &mut errors)
+                {
+                    config.consumers = c;
                 }
             }
             "trust_request_id" => {

@@ -1,5 +1,6 @@
 //! What a request carries from one phase to the next, grouped by concern.
 
+use crate::auth::Identity;
 use crate::error::GatewayError;
 use crate::router::Route;
 use crate::upstream::{Cluster, InFlight};
@@ -25,7 +26,10 @@ impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
             matched: None,
-            client: Client { ip: None },
+            client: Client {
+                ip: None,
+                identity: None,
+            },
             id: RequestId {
                 value: HeaderValue::from_static(""),
                 generated: false,
@@ -65,6 +69,8 @@ pub struct RouteMatch {
 /// Who is calling, resolved once per request.
 pub struct Client {
     pub ip: Option<IpAddr>,
+    /// The caller the route's authentication identified.
+    pub identity: Option<Identity>,
 }
 
 /// The request id, kept from the client or generated.

@@ -92,6 +92,21 @@ pub fn set_request_id(upstream_request: &mut RequestHeader, ctx: &RequestCtx) ->
     Ok(())
 }
 
+static X_CONSUMER: HeaderName = HeaderName::from_static("x-consumer");
+
+/// The caller's identity, as the route's authentication found it. A
+/// client's own `X-Consumer` never reaches an upstream, on any route: an
+/// upstream must be able to trust the header.
+pub fn set_identity(upstream_request: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
+    if upstream_request.headers.contains_key(&X_CONSUMER) {
+        upstream_request.remove_header(&X_CONSUMER);
+    }
+    if let Some(identity) = &ctx.client.identity {
+        upstream_request.insert_header(case_name("X-Consumer"), identity.name())?;
+    }
+    Ok(())
+}
+
 /// Appends `ip` in its usual text form. IPv4, nearly every request, is
 /// written digit by digit: `Display` goes through the formatting machinery,
 /// several times the cost.

@@ -69,6 +69,7 @@ impl ProxyHttp for Gateway {
         // Route, and the route's rules for this request.
         let admitted = request::route(&snapshot, session.req_header()).and_then(|m| {
             request::check_body_size(&m, facts)?;
+            request::authorize(&m, session.req_header(), ctx)?;
             Ok(m)
         });
         drop(snapshot);
@@ -181,6 +182,7 @@ impl ProxyHttp for Gateway {
         forward::set_path(upstream_request, m)?;
         forward::set_forwarding_headers(session, upstream_request, ctx, m)?;
         forward::set_request_id(upstream_request, ctx)?;
+        forward::set_identity(upstream_request, ctx)?;
         m.route.request_headers.apply(upstream_request);
         Ok(())
     }
@@ -329,6 +331,8 @@ impl ProxyHttp for Gateway {
             Some(
                 GatewayError::NoRoute
                     | GatewayError::MethodNotAllowed
+                    | GatewayError::Unauthorized(_)
+                    | GatewayError::Forbidden(_)
                     | GatewayError::BadRequest(_)
                     | GatewayError::RequestTimeout
                     | GatewayError::BodyTooLarge

@@ -118,6 +118,20 @@ pub fn check_body_size(m: &RouteMatch, facts: HeadFacts) -> Result<(), Rejection
     }
 }
 
+/// The route's access rules: client address, credentials, groups.
+pub fn authorize(
+    m: &RouteMatch,
+    req: &RequestHeader,
+    ctx: &mut RequestCtx,
+) -> Result<(), Rejection> {
+    let access = &m.route.policy.access;
+    if access.is_open() {
+        return Ok(());
+    }
+    ctx.client.identity = access.check(req, ctx.client.ip)?;
+    Ok(())
+}
+
 /// The route's timeout runs from here.
 pub fn start_deadline(m: &RouteMatch, ctx: &mut RequestCtx) {
     ctx.timing.deadline = m.route.policy.timeout.map(|t| Instant::now() + t);

@@ -5,8 +5,9 @@
 
 use super::ctx::RequestCtx;
 use super::forward::case_name;
+use crate::auth;
 use crate::error::GatewayError;
-use http::header::ALLOW;
+use http::header::{ALLOW, WWW_AUTHENTICATE};
 use http::HeaderValue;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -39,6 +40,14 @@ pub async fn respond(
     resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
     if let Some(allow) = rejection.allow {
         resp.insert_header(ALLOW, allow)?;
+    }
+    if let GatewayError::Unauthorized(why) = error {
+        let challenge = if why == auth::INVALID_CREDENTIALS {
+            r#"Bearer realm="tollgate", error="invalid_token""#
+        } else {
+            r#"Bearer realm="tollgate""#
+        };
+        resp.insert_header(WWW_AUTHENTICATE, challenge)?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session

@@ -7,6 +7,7 @@ mod normalize;
 pub use index::{Conflict, HostPattern, Lookup, PathPattern, RouteIndex, RouteIndexBuilder};
 pub use normalize::{normalize_path, without_parameters, PathError};
 
+use crate::auth::AccessPolicy;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::borrow::Cow;
@@ -40,6 +41,8 @@ pub struct RoutePolicy {
     pub max_body_bytes: u64,
     /// Whether WebSocket upgrades are passed through.
     pub websocket: bool,
+    /// Who may call the route.
+    pub access: AccessPolicy,
 }
 
 impl Default for RoutePolicy {
@@ -48,6 +51,7 @@ impl Default for RoutePolicy {
             timeout: None,
             max_body_bytes: u64::MAX,
             websocket: false,
+            access: AccessPolicy::default(),
         }
     }
 }

@@ -1,0 +1,168 @@
+//! API keys: a key from a header (or the query, when configured) names a
+//! consumer. Keys are configured as SHA-256 digests, never in clear; the
+//! presented key is hashed and its digest looked up, then compared in
+//! constant time.
+
+use http::HeaderName;
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Longest key looked at: a longer one is refused without hashing.
+const MAX_KEY_BYTES: usize = 512;
+
+/// A caller known by its key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Consumer {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+/// Where keys are read, and whose they are.
+#[derive(Debug)]
+pub struct ApiKeys {
+    pub header: HeaderName,
+    /// A query parameter also taken, when configured.
+    pub query: Option<String>,
+    consumers: HashMap<[u8; 32], Arc<Consumer>, ahash::RandomState>,
+}
+
+/// What a request's key says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyCheck {
+    Missing,
+    Invalid,
+    Valid(Arc<Consumer>),
+}
+
+impl ApiKeys {
+    pub fn new(header: HeaderName, query: Option<String>) -> Self {
+        ApiKeys {
+            header,
+            query,
+            consumers: HashMap::default(),
+        }
+    }
+
+    /// Adds a consumer's key by its digest; false if another consumer
+    /// already has it.
+    pub fn add(&mut self, digest: [u8; 32], consumer: Arc<Consumer>) -> bool {
+        if self.consumers.contains_key(&digest) {
+            return false;
+        }
+        self.consumers.insert(digest, consumer);
+        true
+    }
+
+    /// Checks the key the request carries.
+    pub fn check(&self, req: &RequestHeader) -> KeyCheck {
+        let key = match req.headers.get(&self.header) {
+            Some(value) => Some(value.as_bytes()),
+            None => self
+                .query
+                .as_deref()
+                .and_then(|name| query_value(req, name)),
+        };
+        let Some(key) = key else {
+            return KeyCheck::Missing;
+        };
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return KeyCheck::Invalid;
+        }
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        match self.consumers.get_key_value(&digest) {
+            // The map found it by the digest; the final comparison does not
+            // stop at the first differing byte.
+            Some((stored, consumer)) if bool::from(stored.ct_eq(&digest)) => {
+                KeyCheck::Valid(Arc::clone(consumer))
+            }
+            _ => KeyCheck::Invalid,
+        }
+    }
+}
+
+/// A query parameter's raw value (keys are not percent-decoded: they are
+/// tokens, and a key needing escapes is not one).
+fn query_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then_some(v.as_bytes())
+    })
+}
+
+/// Parses a configured key, `sha256:<64 hex digits>`.
+pub fn parse_digest(text: &str) -> Result<[u8; 32], String> {
+    let hex_digits = text.strip_prefix("sha256:").ok_or_else(|| {
+        "API keys are written as sha256:<hex of sha256(key)>, never in clear \
+         (printf %s \"$KEY\" | sha256sum)"
+            .to_owned()
+    })?;
+    let bytes = hex::decode(hex_digits)
+        .map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())?;
+    bytes
+        .try_into()
+        .map_err(|_| "sha256: must be followed by 64 hex digits".to_owned())
+}
+
+/// The configured form of a key, for tests and tools.
+pub fn digest_of(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> ApiKeys {
+        let mut keys = ApiKeys::new(HeaderName::from_static("x-api-key"), Some("api_key".into()));
+        let alice = Arc::new(Consumer {
+            name: "alice".into(),
+            groups: vec!["partners".into()],
+        });
+        let digest = parse_digest(&digest_of("alice-secret")).unwrap();
+        assert!(keys.add(digest, alice));
+        assert!(!keys.add(
+            digest,
+            Arc::new(Consumer {
+                name: "bob".into(),
+                groups: vec![]
+            })
+        ));
+        keys
+    }
+
+    fn req(path: &str, key: Option<&str>) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        if let Some(key) = key {
+            req.insert_header("X-API-Key", key).unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn a_key_names_its_consumer() {
+        let keys = keys();
+        match keys.check(&req("/", Some("alice-secret"))) {
+            KeyCheck::Valid(c) => assert_eq!(c.name, "alice"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(keys.check(&req("/", Some("wrong"))), KeyCheck::Invalid);
+        assert_eq!(keys.check(&req("/", None)), KeyCheck::Missing);
+        assert!(matches!(
+            keys.check(&req("/x?a=1&api_key=alice-secret", None)),
+            KeyCheck::Valid(_)
+        ));
+        assert_eq!(keys.check(&req("/x?api_key=nope", None)), KeyCheck::Invalid);
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        assert_eq!(keys.check(&req("/", Some(&long))), KeyCheck::Invalid);
+    }
+
+    #[test]
+    fn keys_are_configured_as_digests_only() {
+        assert!(parse_digest("alice-secret").is_err());
+        assert!(parse_digest("sha256:abc").is_err());
+        assert!(parse_digest(&digest_of("k")).is_ok());
+    }
+}

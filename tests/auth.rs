@@ -1,0 +1,147 @@
+//! Access control over real sockets: API keys naming consumers, groups,
+//! client IP lists, identity headers an upstream can trust.
+
+mod support;
+
+use support::upstream::Upstream;
+use support::{check_config, request, Gateway};
+use tollgate::auth::api_key::digest_of;
+
+fn config(up: &Upstream, extra_auth: &str) -> String {
+    format!(
+        "auth:\n  api_keys: {{ header: X-API-Key{extra_auth} }}\nconsumers:\n  alice: {{ api_keys: [\"{}\"], groups: [partners] }}\n  bob: {{ api_keys: [\"{}\"], groups: [staff] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: keyed, path_prefix: /keyed, upstream: app, auth: [api_key] }}\n  - {{ name: partners, path_prefix: /partners, upstream: app, auth: [api_key], allow_groups: [partners] }}\n  - {{ name: inside, path_prefix: /inside, upstream: app, ip_allow: [10.0.0.0/8] }}\n  - {{ name: local, path_prefix: /local, upstream: app, ip_allow: [127.0.0.1], ip_deny: [10.0.0.0/8] }}\n  - {{ name: banned, path_prefix: /banned, upstream: app, ip_deny: [127.0.0.0/8] }}\n  - {{ name: public, path_prefix: /, upstream: app }}\n",
+        digest_of("alice-key"),
+        digest_of("bob-key"),
+        up.addr
+    )
+}
+
+#[test]
+fn an_api_key_identifies_its_consumer_to_the_upstream() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&up, ", query: api_key"));
+    let resp = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/keyed/x",
+        &[("X-API-Key", "alice-key")],
+        b"",
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.upstream_header("x-consumer").as_deref(), Some("alice"));
+    // The key itself goes on untouched (the upstream may log who called,
+    // not how): only the identity header is the gateway's.
+    let resp = gw.get("h", "/keyed/x?api_key=bob-key");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.upstream_header("x-consumer").as_deref(), Some("bob"));
+}
+
+#[test]
+fn missing_or_wrong_keys_get_401_with_a_challenge() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&up, ""));
+    let resp = gw.get("h", "/keyed/x");
+    assert_eq!(resp.assert_gateway_error(401), "unauthorized");
+    assert_eq!(
+        resp.header("www-authenticate"),
+        Some(r#"Bearer realm="tollgate""#)
+    );
+    let resp = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/keyed/x",
+        &[("X-API-Key", "guess")],
+        b"",
+    );
+    assert_eq!(resp.assert_gateway_error(401), "unauthorized");
+    assert_eq!(
+        resp.header("www-authenticate"),
+        Some(r#"Bearer realm="tollgate", error="invalid_token""#)
+    );
+    // Not configured: the query parameter is not a way in.
+    assert_eq!(gw.get("h", "/keyed/x?api_key=alice-key").status, 401);
+    assert_eq!(
+        up.hits(),
+        0,
+        "an unauthenticated request reached the upstream"
+    );
+}
+
+#[test]
+fn groups_and_client_addresses_decide_403() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&up, ""));
+    let partners = |key| request(gw.addr, "GET", "h", "/partners", &[("X-API-Key", key)], b"");
+    assert_eq!(partners("alice-key").status, 200);
+    assert_eq!(partners("bob-key").assert_gateway_error(403), "forbidden");
+    // The tests connect from 127.0.0.1.
+    assert_eq!(
+        gw.get("h", "/inside").assert_gateway_error(403),
+        "forbidden"
+    );
+    assert_eq!(
+        gw.get("h", "/banned").assert_gateway_error(403),
+        "forbidden"
+    );
+    assert_eq!(gw.get("h", "/local").status, 200);
+}
+
+#[test]
+fn a_client_cannot_claim_an_identity() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&up, ""));
+    // On a public route the spoofed header is dropped...
+    let resp = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/open",
+        &[("X-Consumer", "admin")],
+        b"",
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.upstream_header("x-consumer"), None);
+    // ...and on an authenticated one replaced by the real caller.
+    let resp = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/keyed",
+        &[("X-Consumer", "admin"), ("X-API-Key", "bob-key")],
+        b"",
+    );
+    assert_eq!(resp.status, 200);
+    let seen: Vec<String> = resp.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "x-consumer")
+        .map(|h| h[1].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, ["bob"]);
+}
+
+#[test]
+fn dash_t_checks_the_access_rules() {
+    let text = format!(
+        "listen: [\"127.0.0.1:1\"]\nconsumers:\n  alice: {{ api_keys: [\"alice-key\"] }}\n  bob: {{ api_keys: [\"{k}\", \"{k}\"] }}\nupstreams:\n  u: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: a, path: /a, upstream: u, auth: [jwt:main] }}\n  - {{ name: b, path: /b, upstream: u, auth: [password] }}\n  - {{ name: c, path: /c, upstream: u, allow_groups: [x] }}\n  - {{ name: d, path: /d, upstream: u, ip_allow: [10.0.0.1/8] }}\n",
+        k = digest_of("bob-key")
+    );
+    let (code, _, stderr) = check_config(&text);
+    assert_eq!(code, 1);
+    for expected in [
+        "consumers.alice.api_keys[0]: API keys are written as sha256:",
+        "consumers.bob.api_keys[1]: the same key is configured for another consumer",
+        "routes[0].auth[0]: no JWT provider named \"main\"",
+        "routes[1].auth[0]: \"password\" is not an authentication method",
+        "routes[2].allow_groups: needs auth",
+        "routes[3].ip_allow[0]: \"10.0.0.1/8\" has host bits set",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
