@@ -24,6 +24,7 @@ max,latency, ...) runs only those phases.
 """
 
 import asyncio
+import hashlib
 import json
 import statistics
 import os
@@ -245,6 +246,9 @@ http://{PROXY[0]}:{PROXY[1]} {{
                 env={"GOMAXPROCS": "1", "HOME": str(d), "XDG_DATA_HOME": str(d), "XDG_CONFIG_HOME": str(d)})
 
 
+BENCH_API_KEY = "bench-key-0123456789abcdef"
+
+
 def tollgate_config(name: str, routes: int) -> Path:
     d = RAW / name
     d.mkdir(parents=True, exist_ok=True)
@@ -260,7 +264,16 @@ def tollgate_config(name: str, routes: int) -> Path:
         f'  backend: {{ targets: ["{UPSTREAM[0]}:{UPSTREAM[1]}"] }}',
         "routes:",
     ]
-    if routes == 1:
+    # BENCH_AUTH=api_key puts the route behind an API key (the load
+    # generators then send BENCH_API_KEY): the cost of authentication.
+    if routes == 1 and os.environ.get("BENCH_AUTH") == "api_key":
+        digest = hashlib.sha256(BENCH_API_KEY.encode()).hexdigest()
+        lines[lines.index("upstreams:"):lines.index("upstreams:")] = [
+            "consumers:",
+            f'  bench: {{ api_keys: ["sha256:{digest}"] }}',
+        ]
+        lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [api_key] }")
+    elif routes == 1:
         lines.append("  - { name: all, path_prefix: /, upstream: backend }")
     else:
         for i in range(routes):

@@ -9,6 +9,7 @@
 #   benches/load/instructions.sh bare
 #   TOLLGATE=/path/to/other/tollgate benches/load/instructions.sh tollgate
 #   BARE=/path/to/other/bare_pingora benches/load/instructions.sh bare
+#   BENCH_AUTH=api_key benches/load/instructions.sh tollgate   (route behind an API key)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -38,7 +39,13 @@ count() {
     (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break
     sleep 0.2
   done
-  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json http://127.0.0.1:18080/api/bench > "$raw/callgrind-oha-$n.json"
+  local auth=()
+  # BENCH_AUTH=header sends the same key to a route without auth: the
+  # baseline that isolates what authentication costs.
+  if [ "${BENCH_AUTH:-}" = api_key ] || [ "${BENCH_AUTH:-}" = header ]; then
+    auth=(-H "X-API-Key: $(python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; print(bench.BENCH_API_KEY)')")
+  fi
+  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json "${auth[@]}" http://127.0.0.1:18080/api/bench > "$raw/callgrind-oha-$n.json"
   kill -INT $proxy
   wait $proxy 2>/dev/null || true
   grep -h '^summary:' "$out" | awk '{print $2}'

@@ -13,6 +13,7 @@ pub mod ip;
 
 use crate::error::GatewayError;
 use api_key::{ApiKeys, Consumer, KeyCheck};
+use http::HeaderValue;
 use ip::IpRules;
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
@@ -66,6 +67,13 @@ impl Identity {
     pub fn name(&self) -> &str {
         match self {
             Identity::Consumer(c) => &c.name,
+        }
+    }
+
+    /// The identity as the `X-Consumer` value.
+    pub fn header(&self) -> &HeaderValue {
+        match self {
+            Identity::Consumer(c) => &c.header,
         }
     }
 
@@ -139,10 +147,7 @@ mod tests {
     fn policy(groups: &[&str]) -> AccessPolicy {
         let mut keys = ApiKeys::new(HeaderName::from_static("x-api-key"), None);
         for (name, key, group) in [("alice", "ka", "partners"), ("bob", "kb", "staff")] {
-            let consumer = Arc::new(Consumer {
-                name: name.into(),
-                groups: vec![group.into()],
-            });
+            let consumer = Arc::new(Consumer::new(name.into(), vec![group.into()]));
             keys.add(parse_digest(&digest_of(key)).unwrap(), consumer);
         }
         AccessPolicy {

@@ -345,10 +345,7 @@ fn compile_api_keys(file: &FileConfig, errors: &mut Errors) -> Arc<ApiKeys> {
                 "consumer names use only letters, digits, '-', '_' and '.'",
             );
         }
-        let shared = Arc::new(Consumer {
-            name: name.clone(),
-            groups: consumer.groups.clone(),
-        });
+        let shared = Arc::new(Consumer::new(name.clone(), consumer.groups.clone()));
         for (i, key) in consumer.api_keys.iter().enumerate() {
             match parse_digest(key) {
                 Ok(digest) => {

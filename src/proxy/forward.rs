@@ -102,7 +102,7 @@ pub fn set_identity(upstream_request: &mut RequestHeader, ctx: &RequestCtx) -> R
         upstream_request.remove_header(&X_CONSUMER);
     }
     if let Some(identity) = &ctx.client.identity {
-        upstream_request.insert_header(case_name("X-Consumer"), identity.name())?;
+        upstream_request.insert_header(case_name("X-Consumer"), identity.header().clone())?;
     }
     Ok(())
 }
