@@ -145,3 +145,111 @@ fn dash_t_checks_the_access_rules() {
         );
     }
 }
+
+fn cors_config(up: &Upstream) -> String {
+    format!(
+        "consumers:\n  alice: {{ api_keys: [\"{}\"] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: api, path_prefix: /api, upstream: app, methods: [GET, POST], auth: [api_key], cors: {{ origins: [\"https://app.example.com\"], headers: [Authorization, X-API-Key], max_age: 10m, credentials: true }} }}\n  - {{ name: open, path_prefix: /open, upstream: app, cors: {{ origins: [\"*\"] }} }}\n",
+        digest_of("alice-key"),
+        up.addr
+    )
+}
+
+#[test]
+fn cors_preflights_are_answered_by_the_gateway() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&cors_config(&up));
+    let preflight = |origin: &str| {
+        request(
+            gw.addr,
+            "OPTIONS",
+            "h",
+            "/api/orders",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "X-API-Key"),
+            ],
+            b"",
+        )
+    };
+    // No credentials needed, the upstream never asked.
+    let ok = preflight("https://app.example.com");
+    assert_eq!(ok.status, 204);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-methods"),
+        Some("GET, POST, HEAD")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-headers"),
+        Some("Authorization, X-API-Key")
+    );
+    assert_eq!(ok.header("access-control-max-age"), Some("600"));
+    assert_eq!(ok.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(ok.header("vary"), Some("Origin"));
+    assert!(ok.header("x-request-id").is_some());
+    let denied = preflight("https://evil.example");
+    assert_eq!(denied.status, 204);
+    assert_eq!(denied.header("access-control-allow-origin"), None);
+    assert_eq!(up.hits(), 0, "a preflight reached the upstream");
+}
+
+#[test]
+fn cors_headers_go_only_to_allowed_origins() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&cors_config(&up));
+    let get = |origin: &str| {
+        request(
+            gw.addr,
+            "GET",
+            "h",
+            "/api/orders",
+            &[("Origin", origin), ("X-API-Key", "alice-key")],
+            b"",
+        )
+    };
+    let ok = get("https://app.example.com");
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(ok.header("vary"), Some("Origin"));
+    let other = get("https://evil.example");
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    assert_eq!(other.header("vary"), Some("Origin"));
+    let any = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/open",
+        &[("Origin", "https://x.example")],
+        b"",
+    );
+    assert_eq!(any.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(any.header("access-control-allow-credentials"), None);
+    // A route without CORS answers an OPTIONS like any request.
+    let plain = request(
+        gw.addr,
+        "OPTIONS",
+        "h",
+        "/elsewhere",
+        &[
+            ("Origin", "https://app.example.com"),
+            ("Access-Control-Request-Method", "GET"),
+        ],
+        b"",
+    );
+    assert_eq!(plain.assert_gateway_error(404), "no_route");
+
+    let (code, _, stderr) = check_config(
+        "listen: [\"127.0.0.1:1\"]\nupstreams:\n  u: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, path: /a, upstream: u, cors: { origins: [\"*\"], credentials: true } }\n  - { name: b, path: /b, upstream: u, cors: { origins: [\"https://x.example/path\"] } }\n",
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("routes[0].cors.credentials:"), "{stderr}");
+    assert!(stderr.contains("routes[1].cors.origins[0]:"), "{stderr}");
+}

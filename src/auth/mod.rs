@@ -2,13 +2,15 @@
 //! before a byte goes upstream.
 //!
 //! - [`ip`]: client IP allow and deny lists (403);
-//! - [`api_key`]: API keys naming consumers (401 when missing or wrong).
+//! - [`api_key`]: API keys naming consumers (401 when missing or wrong);
+//! - [`cors`]: which browser origins may call the route.
 //!
 //! A route lists the methods it accepts (`auth: [api_key]`); any one that
 //! succeeds identifies the caller. `allow_groups` then requires one of the
 //! caller's groups (403). A route without methods is public.
 
 pub mod api_key;
+pub mod cors;
 pub mod ip;
 
 use crate::error::GatewayError;

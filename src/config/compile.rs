@@ -4,11 +4,12 @@
 //! what it is given. Errors are collected, never returned at the first one.
 
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
-use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
+use super::file::{CorsSpec, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::file::{LimitsSpec, SizeText};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
 use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
+use crate::auth::cors::CorsPolicy;
 use crate::auth::ip::Cidr;
 use crate::auth::{AccessPolicy, Method as AuthMethod};
 use crate::downstream::head::MAX_HEADERS;
@@ -207,12 +208,21 @@ pub fn compile(
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
         let access = compile_access(&at, spec, &api_keys, &mut errors);
+        let cors = spec.cors.as_ref().and_then(|c| {
+            compile_cors(
+                &format!("{at}.cors"),
+                c,
+                keys.methods.as_deref(),
+                &mut errors,
+            )
+        });
         routes.push(Arc::new(Route {
             policy: RoutePolicy {
                 timeout,
                 max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
                 websocket: spec.websocket,
                 access,
+                cors,
             },
             name: spec.name.clone(),
             upstream,
@@ -361,6 +371,86 @@ fn compile_api_keys(file: &FileConfig, errors: &mut Errors) -> Arc<ApiKeys> {
         }
     }
     Arc::new(keys)
+}
+
+/// A route's CORS rules.
+fn compile_cors(
+    at: &str,
+    spec: &CorsSpec,
+    route_methods: Option<&[Method]>,
+    errors: &mut Errors,
+) -> Option<Arc<CorsPolicy>> {
+    let before = errors.0.len();
+    let any = spec.origins.iter().any(|o| o == "*");
+    if spec.origins.is_empty() {
+        errors.add(
+            format!("{at}.origins"),
+            "list at least one origin, or \"*\"",
+        );
+    }
+    if any && spec.origins.len() > 1 {
+        errors.add(format!("{at}.origins"), "\"*\" stands alone");
+    }
+    if any && spec.credentials {
+        errors.add(
+            format!("{at}.credentials"),
+            "browsers refuse credentials with any origin (\"*\"); list the origins",
+        );
+    }
+    let mut origins = Vec::new();
+    for (i, origin) in spec.origins.iter().enumerate().filter(|(_, o)| *o != "*") {
+        let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+            matches!(scheme, "http" | "https")
+                && !rest.is_empty()
+                && !rest.contains(['/', '?', '#', ' '])
+        });
+        match HeaderValue::from_str(origin) {
+            Ok(v) if valid => origins.push(v),
+            _ => errors.add(
+                format!("{at}.origins[{i}]"),
+                format!("{origin:?} is not an origin like https://app.example.com (no path)"),
+            ),
+        }
+    }
+    let methods: Vec<String> = match (&spec.methods, route_methods) {
+        (Some(list), _) => list.clone(),
+        (None, Some(route)) => route.iter().map(|m| m.as_str().to_owned()).collect(),
+        (None, None) => vec!["GET".into(), "HEAD".into(), "POST".into()],
+    };
+    for (i, m) in methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            errors.add(
+                format!("{at}.methods[{i}]"),
+                format!("{m:?} is not a method; methods are upper-case, like GET"),
+            );
+        }
+    }
+    let headers = spec.headers.as_ref().map(|list| {
+        for (i, h) in list.iter().enumerate() {
+            if HeaderName::from_bytes(h.as_bytes()).is_err() {
+                errors.add(
+                    format!("{at}.headers[{i}]"),
+                    format!("{h:?} is not a header name"),
+                );
+            }
+        }
+        list.join(", ")
+    });
+    let max_age = spec
+        .max_age
+        .as_ref()
+        .and_then(|d| duration_at(errors, format!("{at}.max_age"), d))
+        .map(|d| HeaderValue::from(d.as_secs()));
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(Arc::new(CorsPolicy {
+        origins: (!any).then_some(origins),
+        methods: HeaderValue::from_str(&methods.join(", ")).ok()?,
+        headers: headers.and_then(|h| HeaderValue::from_str(&h).ok()),
+        max_age,
+        credentials: spec.credentials,
+    }))
 }
 
 /// A route's access rules.

@@ -246,6 +246,20 @@ pub struct RouteSpec {
     pub allow_groups: Option<Vec<String>>,
     pub ip_allow: Option<Vec<String>>,
     pub ip_deny: Option<Vec<String>>,
+    pub cors: Option<CorsSpec>,
+}
+
+/// A route's CORS rules.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSpec {
+    /// `https://app.example.com`, or `*` alone for any origin.
+    pub origins: Vec<String>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<Vec<String>>,
+    pub max_age: Option<DurationText>,
+    #[serde(default)]
+    pub credentials: bool,
 }
 
 /// The `auth:` section: how credentials are read.

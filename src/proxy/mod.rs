@@ -17,6 +17,7 @@ pub mod respond;
 pub mod response;
 pub mod retry;
 
+use crate::auth::cors;
 use crate::error::GatewayError;
 use crate::store::ConfigStore;
 use crate::upstream::Balance;
@@ -66,8 +67,22 @@ impl ProxyHttp for Gateway {
         ctx.client.ip = request::client_ip(session);
         let facts = request::head_facts(session);
 
+        // A CORS preflight is answered for the route of the method it asks
+        // about, before credentials (a browser sends none with it).
+        if let Some(asked) = cors::preflight_method(session.req_header()) {
+            if let Ok(m) = request::route(&snapshot, session.req_header(), &asked) {
+                if let Some(policy) = &m.route.policy.cors {
+                    let policy = Arc::clone(policy);
+                    drop(snapshot);
+                    respond::preflight(session, ctx, &policy).await?;
+                    return Ok(true);
+                }
+            }
+        }
+
         // Route, and the route's rules for this request.
-        let admitted = request::route(&snapshot, session.req_header()).and_then(|m| {
+        let method = session.req_header().method.clone();
+        let admitted = request::route(&snapshot, session.req_header(), &method).and_then(|m| {
             request::check_body_size(&m, facts)?;
             request::authorize(&m, session.req_header(), ctx)?;
             Ok(m)
@@ -217,6 +232,9 @@ impl ProxyHttp for Gateway {
         response::fit_client_version(session, upstream_response);
         response::echo_request_id(upstream_response, ctx)?;
         if let Some(m) = ctx.matched.as_ref() {
+            if let Some(cors) = &m.route.policy.cors {
+                cors.decorate(session.req_header(), upstream_response)?;
+            }
             m.route.response_headers.apply(upstream_response);
         }
         Ok(())

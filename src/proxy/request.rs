@@ -12,7 +12,7 @@ use crate::router::{normalize_path, routing_host, without_parameters, Lookup};
 use crate::snapshot::Snapshot;
 use crate::upstream::HashKey;
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, UPGRADE};
-use http::{HeaderName, HeaderValue, Version};
+use http::{HeaderName, HeaderValue, Method, Version};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use std::borrow::Cow;
@@ -42,8 +42,13 @@ pub fn settle_request_id(snapshot: &Snapshot, req: &RequestHeader, ctx: &mut Req
 }
 
 /// Normalizes the path and finds the route: host, then path (without its
-/// `;parameters`), then method.
-pub fn route(snapshot: &Snapshot, req: &RequestHeader) -> Result<RouteMatch, Rejection> {
+/// `;parameters`), then `method` (the request's own, or the one a CORS
+/// preflight asks about).
+pub fn route(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+    method: &Method,
+) -> Result<RouteMatch, Rejection> {
     let path = normalize_path(req.uri.path()).map_err(|e| GatewayError::BadRequest(e.message()))?;
     let host = match req.headers.get(HOST) {
         Some(h) => h.to_str().ok(),
@@ -56,10 +61,7 @@ pub fn route(snapshot: &Snapshot, req: &RequestHeader) -> Result<RouteMatch, Rej
         Cow::Owned(p) => without_parameters(p),
         Cow::Borrowed(p) => Cow::Borrowed(*p),
     };
-    let index = match snapshot
-        .index
-        .lookup(host.as_deref(), &matched, &req.method)
-    {
+    let index = match snapshot.index.lookup(host.as_deref(), &matched, method) {
         Lookup::Route(index) => index,
         Lookup::MethodNotAllowed(allow) => {
             return Err(Rejection {

@@ -6,6 +6,7 @@
 use super::ctx::RequestCtx;
 use super::forward::case_name;
 use crate::auth;
+use crate::auth::cors::CorsPolicy;
 use crate::error::GatewayError;
 use http::header::{ALLOW, WWW_AUTHENTICATE};
 use http::HeaderValue;
@@ -56,6 +57,20 @@ pub async fn respond(
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
+    Ok(())
+}
+
+/// The gateway's answer to a CORS preflight: the route's rules, no body,
+/// never the upstream's business.
+pub async fn preflight(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    policy: &CorsPolicy,
+) -> Result<()> {
+    let mut resp = policy.preflight(session.req_header())?;
+    resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
+    resp.insert_header(http::header::CONTENT_LENGTH, 0)?;
+    session.write_response_header(Box::new(resp), true).await?;
     Ok(())
 }
 

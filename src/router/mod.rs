@@ -7,6 +7,7 @@ mod normalize;
 pub use index::{Conflict, HostPattern, Lookup, PathPattern, RouteIndex, RouteIndexBuilder};
 pub use normalize::{normalize_path, without_parameters, PathError};
 
+use crate::auth::cors::CorsPolicy;
 use crate::auth::AccessPolicy;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -43,6 +44,8 @@ pub struct RoutePolicy {
     pub websocket: bool,
     /// Who may call the route.
     pub access: AccessPolicy,
+    /// Which browser origins may, when set.
+    pub cors: Option<std::sync::Arc<CorsPolicy>>,
 }
 
 impl Default for RoutePolicy {
@@ -52,6 +55,7 @@ impl Default for RoutePolicy {
             max_body_bytes: u64::MAX,
             websocket: false,
             access: AccessPolicy::default(),
+            cors: None,
         }
     }
 }
