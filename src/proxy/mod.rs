@@ -80,24 +80,28 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        // Route, and the route's rules for this request.
+        // Route.
         let method = session.req_header().method.clone();
-        let admitted = request::route(&snapshot, session.req_header(), &method).and_then(|m| {
-            request::check_body_size(&m, facts)?;
-            request::authorize(&m, session.req_header(), ctx)?;
-            Ok(m)
-        });
+        let routed = request::route(&snapshot, session.req_header(), &method);
         drop(snapshot);
-        let m = match admitted {
-            Ok(m) => m,
+        let m = match routed {
+            Ok(m) => ctx.matched.insert(m),
             Err(rejection) => {
                 respond(session, ctx, rejection).await?;
                 return Ok(true);
             }
         };
-        request::start_deadline(&m, ctx);
-        request::apply_protocol_rules(session, &m, facts);
-        ctx.matched = Some(m);
+
+        // The route's rules for this request. A refusal from here on
+        // knows its route (a CORS route's errors are readable by the page).
+        let checked = request::check_body_size(m, facts)
+            .and_then(|()| request::authorize(m, session.req_header(), &mut ctx.client));
+        if let Err(rejection) = checked {
+            respond(session, ctx, rejection).await?;
+            return Ok(true);
+        }
+        request::start_deadline(m.route.policy.timeout, &mut ctx.timing);
+        request::apply_protocol_rules(session, m, facts);
         Ok(false)
     }
 

@@ -2,7 +2,7 @@
 //! and the route's rules for this request (body size, upgrades, the
 //! client's protocol version).
 
-use super::ctx::{RequestCtx, RouteMatch};
+use super::ctx::{Client, RequestCtx, RouteMatch, Timing};
 use super::respond::Rejection;
 use crate::downstream::head::HeadFacts;
 use crate::downstream::stream::RequestStream;
@@ -124,19 +124,19 @@ pub fn check_body_size(m: &RouteMatch, facts: HeadFacts) -> Result<(), Rejection
 pub fn authorize(
     m: &RouteMatch,
     req: &RequestHeader,
-    ctx: &mut RequestCtx,
+    client: &mut Client,
 ) -> Result<(), Rejection> {
     let access = &m.route.policy.access;
     if access.is_open() {
         return Ok(());
     }
-    ctx.client.identity = access.check(req, ctx.client.ip)?;
+    client.identity = access.check(req, client.ip)?;
     Ok(())
 }
 
 /// The route's timeout runs from here.
-pub fn start_deadline(m: &RouteMatch, ctx: &mut RequestCtx) {
-    ctx.timing.deadline = m.route.policy.timeout.map(|t| Instant::now() + t);
+pub fn start_deadline(timeout: Option<std::time::Duration>, timing: &mut Timing) {
+    timing.deadline = timeout.map(|t| Instant::now() + t);
 }
 
 /// Rules of the client's protocol version for a request about to be

@@ -42,6 +42,13 @@ pub async fn respond(
     if let Some(allow) = rejection.allow {
         resp.insert_header(ALLOW, allow)?;
     }
+    if let Some(cors) = ctx
+        .matched
+        .as_ref()
+        .and_then(|m| m.route.policy.cors.as_ref())
+    {
+        cors.decorate(session.req_header(), &mut resp)?;
+    }
     if let GatewayError::Unauthorized(why) = error {
         let challenge = if why == auth::INVALID_CREDENTIALS {
             r#"Bearer realm="tollgate", error="invalid_token""#
