@@ -207,13 +207,24 @@ fn sighup_at_start_does_not_kill_the_gateway() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(support::binary())
-        .arg("-c")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Stops the process however the test ends, a failed assertion too.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        std::process::Command::new(support::binary())
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let pid = child.id().to_string();
     // A signal before `main` runs cannot be helped. Wait until the process
     // ignores SIGHUP (bit 0 of SigIgn), which it must do from its first
@@ -252,8 +263,6 @@ fn sighup_at_start_does_not_kill_the_gateway() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(child.try_wait().unwrap().is_none());
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
