@@ -142,36 +142,62 @@ fn default_threshold() -> u32 {
     2
 }
 
-/// A duration as written in the file (`500ms`, `2s`); parsed when compiled.
-/// A bare number is refused here with a hint, as YAML reads it as an integer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DurationText(pub String);
+/// A value written with a unit (`500ms`, `32KiB`), kept as text and parsed
+/// when compiled. A bare number is refused here with a hint, as YAML reads
+/// it as an integer and "5" says nothing of its unit.
+macro_rules! text_with_unit {
+    ($(#[$doc:meta])* $name:ident, $expecting:literal, $small:literal, $large:literal, $example:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub struct $name(pub String);
 
-impl<'de> Deserialize<'de> for DurationText {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = DurationText;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a duration with a unit, like 500ms, 2s, 1m or 1h")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
-                Ok(DurationText(v.to_owned()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DurationText, E> {
-                Err(E::custom(format!(
-                    "{v} has no unit; write it like {v}s or {v}ms"
-                )))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationText, E> {
-                Err(E::custom(format!(
-                    "{v} is not a duration; write it like 500ms or 2s"
-                )))
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl serde::de::Visitor<'_> for Visitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        Ok($name(v.to_owned()))
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<$name, E> {
+                        Err(E::custom(format!(
+                            concat!("{v} has no unit; write it like {v}", $small, " or {v}", $large),
+                            v = v
+                        )))
+                    }
+                    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<$name, E> {
+                        Err(E::custom(format!(
+                            concat!("{v} is not a ", $example),
+                            v = v
+                        )))
+                    }
+                }
+                d.deserialize_any(Visitor)
             }
         }
-        d.deserialize_any(Visitor)
-    }
+    };
 }
+
+text_with_unit!(
+    /// A duration as written in the file (`500ms`, `2s`).
+    DurationText,
+    "a duration with a unit, like 500ms, 2s, 1m or 1h",
+    "s",
+    "ms",
+    "duration; write it like 500ms or 2s"
+);
+
+text_with_unit!(
+    /// A size as written in the file (`32KiB`).
+    SizeText,
+    "a size with a unit, like 512B, 32KiB or 10MiB",
+    "B",
+    "KiB",
+    "size; write it like 32KiB"
+);
 
 impl From<&str> for DurationText {
     fn from(s: &str) -> Self {
@@ -372,34 +398,6 @@ impl Default for LimitsSpec {
             body_timeout: default_body_timeout(),
             max_body_bytes: default_max_body_bytes(),
         }
-    }
-}
-
-/// A size as written in the file (`32KiB`); parsed when compiled.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SizeText(pub String);
-
-impl<'de> Deserialize<'de> for SizeText {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SizeText;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a size with a unit, like 512B, 32KiB or 10MiB")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeText, E> {
-                Ok(SizeText(v.to_owned()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeText, E> {
-                Err(E::custom(format!(
-                    "{v} has no unit; write it like {v}B or {v}KiB"
-                )))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeText, E> {
-                Err(E::custom(format!("{v} is not a size; write it like 32KiB")))
-            }
-        }
-        d.deserialize_any(Visitor)
     }
 }
 
