@@ -82,7 +82,7 @@ fn config_compile(c: &mut Criterion) {
     group.bench_function("10000_routes", |b| {
         b.iter(|| {
             let (file, errors) = parse_partial(&text).expect("valid YAML");
-            compile(file, errors, None, &pools)
+            compile(file, errors, None, &pools, std::path::Path::new("."))
                 .expect("valid config")
                 .snapshot
                 .routes

@@ -19,7 +19,7 @@ fn main() {
             ("127.0.0.1:9002".into(), "users-2".into()),
             ("127.0.0.1:9003".into(), "orders-1".into()),
         ]
-    } else if args.len() % 2 == 0 {
+    } else if args.len().is_multiple_of(2) {
         args.chunks(2)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect()

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::admin::AdminApp;
+use tollgate::auth::jwt::remote::RefreshService;
 use tollgate::config::file::ServerSection;
 use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::memory::ReturnMemory;
@@ -110,6 +111,10 @@ fn main() -> ExitCode {
     server.add_service(background_service(
         "health checks",
         HealthService::new(Arc::clone(&store.pools().health)),
+    ));
+    server.add_service(background_service(
+        "JWKS refresh",
+        RefreshService::new(Arc::clone(&store.pools().jwks)),
     ));
     server.add_service(background_service(
         "return memory",

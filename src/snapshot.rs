@@ -5,6 +5,9 @@
 //! A request takes what it needs from one snapshot when it starts and uses
 //! it to the end, so a reload never changes a request halfway.
 
+use crate::auth::cache::TokenCache;
+use crate::auth::jwt::remote::{RemoteKeys, RemoteSettings};
+use crate::auth::jwt::Verified;
 use crate::downstream::Limits;
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
@@ -42,17 +45,26 @@ impl Snapshot {
 #[derive(Default)]
 pub struct Pools {
     pub health: Arc<StatePool<HealthSettings, HealthProbe>>,
+    /// JWT providers' keys from `jwks_url`, by provider.
+    pub jwks: Arc<StatePool<RemoteSettings, RemoteKeys>>,
+    /// JWT providers' verified tokens, by provider, for one fingerprint of
+    /// its keys and claim rules.
+    pub token_caches: StatePool<[u8; 32], TokenCache<Verified>>,
 }
 
 /// What one compile drew from every pool.
 #[derive(Default)]
 pub struct Draws {
     pub health: Drawn<HealthSettings, HealthProbe>,
+    pub jwks: Drawn<RemoteSettings, RemoteKeys>,
+    pub token_caches: Drawn<[u8; 32], TokenCache<Verified>>,
 }
 
 impl Pools {
     /// Commits a compile's draws; see [`StatePool::commit`].
     pub fn commit(&self, draws: Draws) {
         self.health.commit(draws.health);
+        self.jwks.commit(draws.jwks);
+        self.token_caches.commit(draws.token_caches);
     }
 }

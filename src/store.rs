@@ -160,7 +160,8 @@ fn load(path: &Path, previous: Option<&Snapshot>, pools: &Pools) -> Result<Loade
     // is reported like any invalid file and the running snapshot stays.
     let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let (file, parse_errors) = config::parse_partial(&text)?;
-        compile::compile(file, parse_errors, previous, pools)
+        let base = path.parent().unwrap_or(Path::new("."));
+        compile::compile(file, parse_errors, previous, pools, base)
     }));
     match compiled {
         Ok(result) => {

@@ -3,20 +3,26 @@
 //!
 //! - [`ip`]: client IP allow and deny lists (403);
 //! - [`api_key`]: API keys naming consumers (401 when missing or wrong);
+//! - [`jwt`]: bearer tokens of JWT providers (401), remembered in
+//!   [`cache`] once verified;
 //! - [`cors`]: which browser origins may call the route.
 //!
-//! A route lists the methods it accepts (`auth: [api_key]`); any one that
-//! succeeds identifies the caller. `allow_groups` then requires one of the
+//! A route lists the methods it accepts (`auth: [jwt:main, api_key]`); the
+//! first that succeeds identifies the caller. `require_scopes` then
+//! requires every listed scope of a token, and `allow_groups` one of the
 //! caller's groups (403). A route without methods is public.
 
 pub mod api_key;
+pub mod cache;
 pub mod cors;
 pub mod ip;
+pub mod jwt;
 
 use crate::error::GatewayError;
 use api_key::{ApiKeys, Consumer, KeyCheck};
 use http::HeaderValue;
 use ip::IpRules;
+use jwt::{Provider, TokenCheck, Verified};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,63 +33,85 @@ pub const INVALID_CREDENTIALS: &str = "the credentials are not valid";
 pub const MISSING_CREDENTIALS: &str = "this route needs credentials";
 
 /// One way a route accepts to identify a caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Method {
-    ApiKey,
+    ApiKey(Arc<ApiKeys>),
+    Jwt(Arc<Provider>),
 }
 
-/// A route's access rules, compiled once.
-#[derive(Debug, Clone, Default)]
-pub struct AccessPolicy {
-    /// Any one suffices; empty: the route is public.
-    pub methods: Vec<Method>,
-    /// Empty: any identified caller.
-    pub allow_groups: Vec<String>,
-    pub ip: IpRules,
-    /// The API keys, when `methods` holds `ApiKey`.
-    pub api_keys: Option<Arc<ApiKeys>>,
-}
-
-impl PartialEq for AccessPolicy {
+impl PartialEq for Method {
+    /// The same compiled keys or provider: compiled state is shared, never
+    /// compared by content.
     fn eq(&self, other: &Self) -> bool {
-        self.methods == other.methods
-            && self.allow_groups == other.allow_groups
-            && self.ip == other.ip
-            && match (&self.api_keys, &other.api_keys) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
+        match (self, other) {
+            (Method::ApiKey(a), Method::ApiKey(b)) => Arc::ptr_eq(a, b),
+            (Method::Jwt(a), Method::Jwt(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
-impl Eq for AccessPolicy {}
+impl Eq for Method {}
+
+/// A route's access rules, compiled once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Tried in order, the first that identifies the caller wins; empty:
+    /// the route is public.
+    pub methods: Vec<Method>,
+    /// Empty: any identified caller.
+    pub allow_groups: Vec<String>,
+    /// Scopes a token must all hold; API-key callers hold none.
+    pub require_scopes: Vec<String>,
+    pub ip: IpRules,
+}
 
 /// The caller, as the upstream learns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
+    /// Known by API key.
     Consumer(Arc<Consumer>),
+    /// Known by a verified JWT.
+    Token(Arc<Verified>),
 }
 
 impl Identity {
+    /// The consumer's name, or the token's subject.
     pub fn name(&self) -> &str {
         match self {
             Identity::Consumer(c) => &c.name,
+            Identity::Token(t) => &t.subject,
         }
     }
 
-    /// The identity as the `X-Consumer` value.
-    pub fn header(&self) -> &HeaderValue {
+    /// The identity as the upstream receives it: `X-Consumer` for a
+    /// consumer, the forwarded claims for a token.
+    pub fn headers(&self) -> IdentityHeaders<'_> {
         match self {
-            Identity::Consumer(c) => &c.header,
+            Identity::Consumer(c) => IdentityHeaders::Consumer(&c.header),
+            Identity::Token(t) => IdentityHeaders::Claims(&t.headers),
         }
     }
 
     fn groups(&self) -> &[String] {
         match self {
             Identity::Consumer(c) => &c.groups,
+            Identity::Token(t) => &t.groups,
         }
     }
+
+    fn scopes(&self) -> &[String] {
+        match self {
+            Identity::Consumer(_) => &[],
+            Identity::Token(t) => &t.scopes,
+        }
+    }
+}
+
+/// See [`Identity::headers`].
+pub enum IdentityHeaders<'a> {
+    Consumer(&'a HeaderValue),
+    Claims(&'a [(bytes::Bytes, HeaderValue)]),
 }
 
 impl AccessPolicy {
@@ -91,8 +119,9 @@ impl AccessPolicy {
         self.methods.is_empty() && self.allow_groups.is_empty() && self.ip.is_empty()
     }
 
-    /// Decides whether the request may go on, and as whom.
-    pub fn check(
+    /// Decides whether the request may go on, and as whom. Waits only when
+    /// a token names a key its provider's JWKS may have gained since.
+    pub async fn check(
         &self,
         req: &RequestHeader,
         client: Option<IpAddr>,
@@ -105,27 +134,47 @@ impl AccessPolicy {
         if self.methods.is_empty() {
             return Ok(None);
         }
-        let mut invalid = false;
+        // The first refusal explains the 401 when nothing succeeds.
+        let mut invalid = None;
         let mut identity = None;
         for method in &self.methods {
             match method {
-                Method::ApiKey => match self.api_keys.as_ref().map(|k| k.check(req)) {
-                    Some(KeyCheck::Valid(consumer)) => {
+                Method::ApiKey(keys) => match keys.check(req) {
+                    KeyCheck::Valid(consumer) => {
                         identity = Some(Identity::Consumer(consumer));
                         break;
                     }
-                    Some(KeyCheck::Invalid) => invalid = true,
-                    Some(KeyCheck::Missing) | None => {}
+                    KeyCheck::Invalid => {
+                        invalid.get_or_insert(INVALID_CREDENTIALS);
+                    }
+                    KeyCheck::Missing => {}
+                },
+                Method::Jwt(provider) => match provider.check(req).await {
+                    TokenCheck::Valid(verified) => {
+                        identity = Some(Identity::Token(verified));
+                        break;
+                    }
+                    TokenCheck::Invalid(refusal) => {
+                        invalid.get_or_insert(refusal.message());
+                    }
+                    TokenCheck::Missing => {}
                 },
             }
         }
         let Some(identity) = identity else {
-            return Err(GatewayError::Unauthorized(if invalid {
-                INVALID_CREDENTIALS
-            } else {
-                MISSING_CREDENTIALS
-            }));
+            return Err(GatewayError::Unauthorized(
+                invalid.unwrap_or(MISSING_CREDENTIALS),
+            ));
         };
+        if !self
+            .require_scopes
+            .iter()
+            .all(|s| identity.scopes().contains(s))
+        {
+            return Err(GatewayError::Forbidden(
+                "the caller lacks a scope this route requires",
+            ));
+        }
         if !self.allow_groups.is_empty()
             && !identity
                 .groups()
@@ -153,10 +202,9 @@ mod tests {
             keys.add(parse_digest(&digest_of(key)).unwrap(), consumer);
         }
         AccessPolicy {
-            methods: vec![Method::ApiKey],
+            methods: vec![Method::ApiKey(Arc::new(keys))],
             allow_groups: groups.iter().map(|g| (*g).to_owned()).collect(),
-            ip: IpRules::default(),
-            api_keys: Some(Arc::new(keys)),
+            ..AccessPolicy::default()
         }
     }
 
@@ -168,15 +216,24 @@ mod tests {
         req
     }
 
-    #[test]
-    fn credentials_then_groups() {
+    #[tokio::test]
+    async fn credentials_then_groups() {
         let p = policy(&["partners"]);
-        let who = p.check(&req(Some("ka")), None).unwrap().unwrap();
+        let who = p.check(&req(Some("ka")), None).await.unwrap().unwrap();
         assert_eq!(who.name(), "alice");
-        assert_eq!(p.check(&req(Some("kb")), None).unwrap_err().status(), 403);
-        assert_eq!(p.check(&req(Some("zz")), None).unwrap_err().status(), 401);
-        assert_eq!(p.check(&req(None), None).unwrap_err().status(), 401);
-        assert!(policy(&[]).check(&req(Some("kb")), None).is_ok());
-        assert_eq!(AccessPolicy::default().check(&req(None), None), Ok(None));
+        let status = |r: Result<_, GatewayError>| r.unwrap_err().status();
+        assert_eq!(status(p.check(&req(Some("kb")), None).await), 403);
+        assert_eq!(status(p.check(&req(Some("zz")), None).await), 401);
+        assert_eq!(status(p.check(&req(None), None).await), 401);
+        assert!(policy(&[]).check(&req(Some("kb")), None).await.is_ok());
+        let scoped = AccessPolicy {
+            require_scopes: vec!["orders:read".into()],
+            ..policy(&[])
+        };
+        assert_eq!(status(scoped.check(&req(Some("ka")), None).await), 403);
+        assert_eq!(
+            AccessPolicy::default().check(&req(None), None).await,
+            Ok(None)
+        );
     }
 }

@@ -3,15 +3,15 @@
 //! All checking happens here, once per load, so the request path can trust
 //! what it is given. Errors are collected, never returned at the first one.
 
+use super::access::{
+    compile_access, compile_api_keys, compile_cors, compile_jwt_providers, identity_headers,
+    Authenticators,
+};
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
-use super::file::{CorsSpec, DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
+use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::file::{LimitsSpec, SizeText};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
-use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
-use crate::auth::cors::CorsPolicy;
-use crate::auth::ip::Cidr;
-use crate::auth::{AccessPolicy, Method as AuthMethod};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
 use crate::router::{
@@ -24,6 +24,7 @@ use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,24 +68,26 @@ pub struct Compiled {
 
 /// Collects errors under key paths.
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+pub(super) struct Errors(pub(super) Vec<ConfigError>);
 
 impl Errors {
-    fn add(&mut self, location: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, location: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError::new(location, message));
     }
 }
 
 /// Validates everything and builds the snapshot. `previous` is the running
 /// snapshot, whose unchanged upstreams (and their load state) are reused;
-/// state that outlives snapshots is drawn from `pools`. `parse_errors`
-/// come first in the report; with any of them the result is an error, but
-/// the rest of the file is still checked.
+/// state that outlives snapshots is drawn from `pools`; files the config
+/// names (keys) are relative to `base`, the config file's directory.
+/// `parse_errors` come first in the report; with any of them the result is
+/// an error, but the rest of the file is still checked.
 pub fn compile(
     file: FileConfig,
     parse_errors: Vec<ConfigError>,
     previous: Option<&Snapshot>,
     pools: &Pools,
+    base: &Path,
 ) -> Result<Compiled, ConfigErrors> {
     let mut errors = Errors(parse_errors);
     let mut draws = Draws::default();
@@ -119,7 +122,12 @@ pub fn compile(
     }
     check_server(&file.server, &mut errors);
     let limits = compile_limits(&file.limits, &mut errors);
-    let api_keys = compile_api_keys(&file, &mut errors);
+    let jwt = compile_jwt_providers(&file, base, pools, &mut draws, &mut errors);
+    let auth = Authenticators {
+        api_keys: compile_api_keys(&file, &mut errors),
+        identity_headers: identity_headers(&jwt),
+        jwt,
+    };
 
     let mut clusters = Vec::new();
     for (name, spec) in &file.upstreams {
@@ -207,7 +215,7 @@ pub fn compile(
             .timeout
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
-        let access = compile_access(&at, spec, &api_keys, &mut errors);
+        let access = compile_access(&at, spec, &file, &auth, &mut errors);
         let cors = spec.cors.as_ref().and_then(|c| {
             compile_cors(
                 &format!("{at}.cors"),
@@ -223,6 +231,7 @@ pub fn compile(
                 websocket: spec.websocket,
                 access,
                 cors,
+                identity_headers: Arc::clone(&auth.identity_headers),
             },
             name: spec.name.clone(),
             upstream,
@@ -319,190 +328,6 @@ fn check_server(server: &ServerSpec, errors: &mut Errors) {
     );
 }
 
-/// The API keys of every consumer, read from `auth.api_keys` (or the
-/// default header) and `consumers`. Keys are digests only.
-fn compile_api_keys(file: &FileConfig, errors: &mut Errors) -> Arc<ApiKeys> {
-    let spec = file.auth.api_keys.as_ref();
-    let header = spec
-        .and_then(|s| s.header.as_deref())
-        .unwrap_or("X-API-Key");
-    let header = match HeaderName::from_bytes(header.as_bytes()) {
-        Ok(h) => h,
-        Err(_) => {
-            errors.add(
-                "auth.api_keys.header",
-                format!("{header:?} is not a valid header name"),
-            );
-            HeaderName::from_static("x-api-key")
-        }
-    };
-    let query = spec.and_then(|s| s.query.clone());
-    if query
-        .as_deref()
-        .is_some_and(|q| q.is_empty() || q.bytes().any(|b| matches!(b, b'&' | b'=' | b'#' | b' ')))
-    {
-        errors.add(
-            "auth.api_keys.query",
-            "must be a plain query parameter name",
-        );
-    }
-    let mut keys = ApiKeys::new(header, query);
-    for (name, consumer) in &file.consumers {
-        let at = format!("consumers.{name}");
-        if !valid_name(name) {
-            errors.add(
-                &at,
-                "consumer names use only letters, digits, '-', '_' and '.'",
-            );
-        }
-        let shared = Arc::new(Consumer::new(name.clone(), consumer.groups.clone()));
-        for (i, key) in consumer.api_keys.iter().enumerate() {
-            match parse_digest(key) {
-                Ok(digest) => {
-                    if !keys.add(digest, Arc::clone(&shared)) {
-                        errors.add(
-                            format!("{at}.api_keys[{i}]"),
-                            "the same key is configured for another consumer",
-                        );
-                    }
-                }
-                Err(e) => errors.add(format!("{at}.api_keys[{i}]"), e),
-            }
-        }
-    }
-    Arc::new(keys)
-}
-
-/// A route's CORS rules.
-fn compile_cors(
-    at: &str,
-    spec: &CorsSpec,
-    route_methods: Option<&[Method]>,
-    errors: &mut Errors,
-) -> Option<Arc<CorsPolicy>> {
-    let before = errors.0.len();
-    let any = spec.origins.iter().any(|o| o == "*");
-    if spec.origins.is_empty() {
-        errors.add(
-            format!("{at}.origins"),
-            "list at least one origin, or \"*\"",
-        );
-    }
-    if any && spec.origins.len() > 1 {
-        errors.add(format!("{at}.origins"), "\"*\" stands alone");
-    }
-    if any && spec.credentials {
-        errors.add(
-            format!("{at}.credentials"),
-            "browsers refuse credentials with any origin (\"*\"); list the origins",
-        );
-    }
-    let mut origins = Vec::new();
-    for (i, origin) in spec.origins.iter().enumerate().filter(|(_, o)| *o != "*") {
-        let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
-            matches!(scheme, "http" | "https")
-                && !rest.is_empty()
-                && !rest.contains(['/', '?', '#', ' '])
-        });
-        match HeaderValue::from_str(origin) {
-            Ok(v) if valid => origins.push(v),
-            _ => errors.add(
-                format!("{at}.origins[{i}]"),
-                format!("{origin:?} is not an origin like https://app.example.com (no path)"),
-            ),
-        }
-    }
-    let methods: Vec<String> = match (&spec.methods, route_methods) {
-        (Some(list), _) => list.clone(),
-        (None, Some(route)) => route.iter().map(|m| m.as_str().to_owned()).collect(),
-        (None, None) => vec!["GET".into(), "HEAD".into(), "POST".into()],
-    };
-    for (i, m) in methods.iter().enumerate() {
-        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-            errors.add(
-                format!("{at}.methods[{i}]"),
-                format!("{m:?} is not a method; methods are upper-case, like GET"),
-            );
-        }
-    }
-    let headers = spec.headers.as_ref().map(|list| {
-        for (i, h) in list.iter().enumerate() {
-            if HeaderName::from_bytes(h.as_bytes()).is_err() {
-                errors.add(
-                    format!("{at}.headers[{i}]"),
-                    format!("{h:?} is not a header name"),
-                );
-            }
-        }
-        list.join(", ")
-    });
-    let max_age = spec
-        .max_age
-        .as_ref()
-        .and_then(|d| duration_at(errors, format!("{at}.max_age"), d))
-        .map(|d| HeaderValue::from(d.as_secs()));
-    if errors.0.len() > before {
-        return None;
-    }
-    Some(Arc::new(CorsPolicy {
-        origins: (!any).then_some(origins),
-        methods: HeaderValue::from_str(&methods.join(", ")).ok()?,
-        headers: headers.and_then(|h| HeaderValue::from_str(&h).ok()),
-        max_age,
-        credentials: spec.credentials,
-    }))
-}
-
-/// A route's access rules.
-fn compile_access(
-    at: &str,
-    spec: &RouteSpec,
-    api_keys: &Arc<ApiKeys>,
-    errors: &mut Errors,
-) -> AccessPolicy {
-    let mut policy = AccessPolicy::default();
-    for (i, method) in spec.auth.iter().flatten().enumerate() {
-        match method.as_str() {
-            "api_key" => {
-                policy.methods.push(AuthMethod::ApiKey);
-                policy.api_keys = Some(Arc::clone(api_keys));
-            }
-            other if other.starts_with("jwt:") => errors.add(
-                format!("{at}.auth[{i}]"),
-                format!(
-                    "no JWT provider named {:?} (auth.jwt is not available yet)",
-                    &other[4..]
-                ),
-            ),
-            other => errors.add(
-                format!("{at}.auth[{i}]"),
-                format!("{other:?} is not an authentication method; use api_key"),
-            ),
-        }
-    }
-    if let Some(groups) = &spec.allow_groups {
-        if policy.methods.is_empty() {
-            errors.add(
-                format!("{at}.allow_groups"),
-                "needs auth: a route without authentication has no caller to check",
-            );
-        }
-        policy.allow_groups = groups.clone();
-    }
-    for (key, list, out) in [
-        ("ip_allow", &spec.ip_allow, &mut policy.ip.allow),
-        ("ip_deny", &spec.ip_deny, &mut policy.ip.deny),
-    ] {
-        for (i, text) in list.iter().flatten().enumerate() {
-            match Cidr::parse(text) {
-                Ok(c) => out.push(c),
-                Err(e) => errors.add(format!("{at}.{key}[{i}]"), e),
-            }
-        }
-    }
-    policy
-}
-
 /// Largest head Pingora's parser accepts after tollgate's own check.
 const MAX_HEADER_BYTES: u64 = 1 << 20;
 
@@ -579,14 +404,18 @@ fn compile_listen(file: &FileConfig, errors: &mut Errors) -> Vec<SocketAddr> {
     listen
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn duration_at(errors: &mut Errors, at: String, text: &DurationText) -> Option<Duration> {
+pub(super) fn duration_at(
+    errors: &mut Errors,
+    at: String,
+    text: &DurationText,
+) -> Option<Duration> {
     match parse_duration(&text.0) {
         Ok(d) if d.is_zero() => {
             errors.add(at, "must be greater than zero");
@@ -1059,7 +888,7 @@ mod tests {
     fn compile_text(text: &str) -> Result<Snapshot, Vec<String>> {
         let (file, parse_errors) = parse_partial(text)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-        compile(file, parse_errors, None, &Pools::default())
+        compile(file, parse_errors, None, &Pools::default(), Path::new("."))
             .map(|c| c.snapshot)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect())
     }

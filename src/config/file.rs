@@ -270,6 +270,8 @@ pub struct RouteSpec {
     pub auth: Option<Vec<String>>,
     /// Consumer groups admitted; absent: any identified caller.
     pub allow_groups: Option<Vec<String>>,
+    /// Scopes a JWT must all hold (`scope` or `scp`).
+    pub require_scopes: Option<Vec<String>>,
     pub ip_allow: Option<Vec<String>>,
     pub ip_deny: Option<Vec<String>>,
     pub cors: Option<CorsSpec>,
@@ -293,6 +295,43 @@ pub struct CorsSpec {
 #[serde(deny_unknown_fields)]
 pub struct AuthSpec {
     pub api_keys: Option<ApiKeysSpec>,
+    /// JWT providers by name, referenced by routes as `jwt:<name>`.
+    #[serde(default)]
+    pub jwt: BTreeMap<String, JwtProviderSpec>,
+}
+
+/// One JWT provider: its keys and the claims it demands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderSpec {
+    /// `iss` must equal it when set.
+    pub issuer: Option<String>,
+    /// `aud` must hold one of them when set.
+    pub audiences: Option<Vec<String>>,
+    /// Clock skew allowed for `exp`, `nbf`, `iat`; default 30s.
+    pub leeway: Option<DurationText>,
+    #[serde(default)]
+    pub keys: Vec<JwtKeySpec>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    /// How often `jwks_url` is fetched again; default 10m.
+    pub jwks_refresh: Option<DurationText>,
+    /// Claim name to the header it is forwarded in.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Verified tokens remembered; default 100,000.
+    pub cache_size: Option<usize>,
+}
+
+/// One configured key, pinned to one algorithm.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeySpec {
+    pub kid: Option<String>,
+    pub alg: String,
+    pub secret: Option<String>,
+    pub secret_env: Option<String>,
+    pub public_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -6,6 +6,7 @@
 //! (`routes[2].upstream: no upstream named "userz"`), so an operator fixes a
 //! file in one pass instead of one error per attempt.
 
+mod access;
 pub mod compile;
 pub mod file;
 pub mod values;

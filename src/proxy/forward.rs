@@ -3,6 +3,7 @@
 //! edits.
 
 use super::ctx::{RequestCtx, RouteMatch};
+use crate::auth::{Identity, IdentityHeaders};
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderName, HeaderValue};
@@ -92,17 +93,30 @@ pub fn set_request_id(upstream_request: &mut RequestHeader, ctx: &RequestCtx) ->
     Ok(())
 }
 
-static X_CONSUMER: HeaderName = HeaderName::from_static("x-consumer");
-
 /// The caller's identity, as the route's authentication found it. A
-/// client's own `X-Consumer` never reaches an upstream, on any route: an
-/// upstream must be able to trust the header.
-pub fn set_identity(upstream_request: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
-    if upstream_request.headers.contains_key(&X_CONSUMER) {
-        upstream_request.remove_header(&X_CONSUMER);
+/// client's own copy of any identity header (`X-Consumer`, forwarded
+/// claims) never reaches an upstream, on any route: an upstream must be
+/// able to trust them.
+pub fn set_identity(
+    upstream_request: &mut RequestHeader,
+    ctx: &RequestCtx,
+    m: &RouteMatch,
+) -> Result<()> {
+    for name in m.route.policy.identity_headers.iter() {
+        if upstream_request.headers.contains_key(name) {
+            upstream_request.remove_header(name);
+        }
     }
-    if let Some(identity) = &ctx.client.identity {
-        upstream_request.insert_header(case_name("X-Consumer"), identity.header().clone())?;
+    match ctx.client.identity.as_ref().map(Identity::headers) {
+        Some(IdentityHeaders::Consumer(name)) => {
+            upstream_request.insert_header(case_name("X-Consumer"), name.clone())?;
+        }
+        Some(IdentityHeaders::Claims(claims)) => {
+            for (name, value) in claims {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        None => {}
     }
     Ok(())
 }

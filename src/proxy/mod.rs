@@ -94,8 +94,10 @@ impl ProxyHttp for Gateway {
 
         // The route's rules for this request. A refusal from here on
         // knows its route (a CORS route's errors are readable by the page).
-        let checked = request::check_body_size(m, facts)
-            .and_then(|()| request::authorize(m, session.req_header(), &mut ctx.client));
+        let mut checked = request::check_body_size(m, facts);
+        if checked.is_ok() {
+            checked = request::authorize(m, session.req_header(), &mut ctx.client).await;
+        }
         if let Err(rejection) = checked {
             respond(session, ctx, rejection).await?;
             return Ok(true);
@@ -201,7 +203,7 @@ impl ProxyHttp for Gateway {
         forward::set_path(upstream_request, m)?;
         forward::set_forwarding_headers(session, upstream_request, ctx, m)?;
         forward::set_request_id(upstream_request, ctx)?;
-        forward::set_identity(upstream_request, ctx)?;
+        forward::set_identity(upstream_request, ctx, m)?;
         m.route.request_headers.apply(upstream_request);
         Ok(())
     }

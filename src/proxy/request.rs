@@ -121,7 +121,7 @@ pub fn check_body_size(m: &RouteMatch, facts: HeadFacts) -> Result<(), Rejection
 }
 
 /// The route's access rules: client address, credentials, groups.
-pub fn authorize(
+pub async fn authorize(
     m: &RouteMatch,
     req: &RequestHeader,
     client: &mut Client,
@@ -130,7 +130,7 @@ pub fn authorize(
     if access.is_open() {
         return Ok(());
     }
-    client.identity = access.check(req, client.ip)?;
+    client.identity = access.check(req, client.ip).await?;
     Ok(())
 }
 

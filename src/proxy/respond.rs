@@ -50,10 +50,10 @@ pub async fn respond(
         cors.decorate(session.req_header(), &mut resp)?;
     }
     if let GatewayError::Unauthorized(why) = error {
-        let challenge = if why == auth::INVALID_CREDENTIALS {
-            r#"Bearer realm="tollgate", error="invalid_token""#
-        } else {
+        let challenge = if why == auth::MISSING_CREDENTIALS {
             r#"Bearer realm="tollgate""#
+        } else {
+            r#"Bearer realm="tollgate", error="invalid_token""#
         };
         resp.insert_header(WWW_AUTHENTICATE, challenge)?;
     }

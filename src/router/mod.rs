@@ -46,6 +46,10 @@ pub struct RoutePolicy {
     pub access: AccessPolicy,
     /// Which browser origins may, when set.
     pub cors: Option<std::sync::Arc<CorsPolicy>>,
+    /// Headers that carry an identity to upstreams (`X-Consumer` and every
+    /// JWT provider's forwarded claims): a client's own copies are removed
+    /// on every route, whatever its authentication.
+    pub identity_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
 impl Default for RoutePolicy {
@@ -56,6 +60,7 @@ impl Default for RoutePolicy {
             websocket: false,
             access: AccessPolicy::default(),
             cors: None,
+            identity_headers: std::sync::Arc::new([http::HeaderName::from_static("x-consumer")]),
         }
     }
 }
