@@ -77,6 +77,17 @@ impl AdminApp {
         json!({ "upstreams": upstreams })
     }
 
+    /// JWT providers: their keys, JWKS fetches and token caches.
+    fn auth(&self) -> Value {
+        let snapshot = self.store.current();
+        let jwt: serde_json::Map<String, Value> = snapshot
+            .jwt
+            .iter()
+            .map(|p| (p.name.clone(), p.status()))
+            .collect();
+        json!({ "jwt": jwt })
+    }
+
     fn config_status(&self) -> Value {
         let status = self.store.status();
         json!({
@@ -131,9 +142,10 @@ impl ServeHttp for AdminApp {
             }
             "/upstreams" => json_response(StatusCode::OK, &self.upstreams()),
             "/config" => json_response(StatusCode::OK, &self.config_status()),
+            "/auth" => json_response(StatusCode::OK, &self.auth()),
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config" } }),
+                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth" } }),
             ),
         }
     }

@@ -7,7 +7,7 @@
 
 use crate::auth::cache::TokenCache;
 use crate::auth::jwt::remote::{RemoteKeys, RemoteSettings};
-use crate::auth::jwt::Verified;
+use crate::auth::jwt::{Provider, Verified};
 use crate::downstream::Limits;
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
@@ -33,6 +33,9 @@ pub struct Snapshot {
     pub admin: Option<SocketAddr>,
     /// Upstreams that must have a healthy target for `/readyz` to pass.
     pub readyz_requires: Vec<String>,
+    /// JWT providers by name, for the admin listener (routes hold their
+    /// own references).
+    pub jwt: Vec<Arc<Provider>>,
 }
 
 impl Snapshot {

@@ -13,6 +13,7 @@
 //! size.
 
 use quick_cache::sync::Cache;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -33,6 +34,10 @@ struct Entry<T> {
 pub struct TokenCache<T> {
     entries: Cache<u64, Arc<Entry<T>>>,
     hasher: ahash::RandomState,
+    /// Tokens answered from the cache, for the admin listener.
+    hits: AtomicU64,
+    /// Tokens verified from scratch (signature and claims), good or not.
+    pub verifications: AtomicU64,
 }
 
 impl<T> TokenCache<T> {
@@ -49,6 +54,8 @@ impl<T> TokenCache<T> {
                 Default::default(),
             ),
             hasher: ahash::RandomState::new(),
+            hits: AtomicU64::new(0),
+            verifications: AtomicU64::new(0),
         }
     }
 
@@ -57,8 +64,15 @@ impl<T> TokenCache<T> {
     pub fn get(&self, token: &[u8], now: u64, generation: u64) -> Option<Arc<T>> {
         let entry = self.entries.get(&self.hasher.hash_one(token))?;
         let same = entry.token.len() == token.len() && bool::from(entry.token.ct_eq(token));
-        (same && now < entry.expires && entry.generation == generation)
-            .then(|| Arc::clone(&entry.value))
+        if !(same && now < entry.expires && entry.generation == generation) {
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Arc::clone(&entry.value))
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
     /// Remembers a token that verified, until `expires`.

@@ -263,6 +263,7 @@ pub fn compile(
         listen,
         admin,
         readyz_requires,
+        jwt: auth.jwt.values().cloned().collect(),
     };
     Ok(Compiled {
         snapshot,

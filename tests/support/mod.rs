@@ -316,12 +316,18 @@ impl Gateway {
     /// As [`Gateway::start`], with extra `server:` keys, one `key: value`
     /// per line.
     pub fn start_with_server(server_extra: &str, body: &str) -> Gateway {
+        Gateway::start_with_env(&[], server_extra, body)
+    }
+
+    /// As [`Gateway::start_with_server`], with environment variables set
+    /// for the gateway process only.
+    pub fn start_with_env(env: &[(&str, &str)], server_extra: &str, body: &str) -> Gateway {
         // The ports were free when chosen, but another test may take one
         // before the gateway binds it: a gateway that exits while starting
         // is started again on new ports.
         let mut last_log = String::new();
         for _ in 0..3 {
-            match Gateway::try_start(server_extra, body) {
+            match Gateway::try_start(env, server_extra, body) {
                 Ok(gw) => return gw,
                 Err(log) => last_log = log,
             }
@@ -329,7 +335,7 @@ impl Gateway {
         panic!("the gateway exited while starting, three times; last log:\n{last_log}");
     }
 
-    fn try_start(server_extra: &str, body: &str) -> Result<Gateway, String> {
+    fn try_start(env: &[(&str, &str)], server_extra: &str, body: &str) -> Result<Gateway, String> {
         let dir = scratch_dir("gw");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -344,6 +350,7 @@ impl Gateway {
                 "RUST_LOG",
                 std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .stdin(Stdio::null())

@@ -25,6 +25,7 @@ use keys::{KeySet, PinnedKey};
 use pingora::http::RequestHeader;
 use remote::RemoteKeys;
 use serde_json::{Map, Value};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -217,6 +218,7 @@ impl Provider {
         if let Some(verified) = self.cache.get(token, now, generation) {
             return TokenCheck::Valid(verified);
         }
+        self.cache.verifications.fetch_add(1, Ordering::Relaxed);
         let mut result = self.verify(token, now);
         if let (Err(Refusal::UnknownKey), Some(remote)) = (&result, &self.remote) {
             if remote.refetch_for_unknown_kid().await {
@@ -312,6 +314,19 @@ impl Provider {
     /// How many verified tokens are remembered.
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// The provider's keys and cache, as the admin listener shows them.
+    pub fn status(&self) -> Value {
+        serde_json::json!({
+            "keys": self.keys.len(),
+            "jwks": self.remote.as_ref().map(|r| r.status()),
+            "cache": {
+                "entries": self.cache.len(),
+                "hits": self.cache.hits(),
+                "verifications": self.cache.verifications.load(Ordering::Relaxed),
+            },
+        })
     }
 }
 

@@ -82,8 +82,9 @@ impl RemoteKeys {
     }
 
     /// Whether a scheduled fetch is due: at once at first, every
-    /// `refresh` after a success, every [`MIN_REFETCH_INTERVAL`] while
-    /// failing. Marks the fetch started if so.
+    /// `refresh` after a success, and while failing every `refresh` or
+    /// [`MIN_REFETCH_INTERVAL`], whichever is sooner. Marks the fetch
+    /// started if so.
     pub fn claim_scheduled(&self, now: Instant) -> bool {
         let mut state = self.lock();
         if state.in_flight {
@@ -94,7 +95,9 @@ impl RemoteKeys {
             (Some(attempt), Some(success)) if success >= attempt => {
                 now.duration_since(success) >= self.settings.refresh
             }
-            (Some(attempt), _) => now.duration_since(attempt) >= MIN_REFETCH_INTERVAL,
+            (Some(attempt), _) => {
+                now.duration_since(attempt) >= self.settings.refresh.min(MIN_REFETCH_INTERVAL)
+            }
         };
         if due {
             state.in_flight = true;
@@ -195,6 +198,18 @@ impl RemoteKeys {
         }
         drop(state);
         self.finished.send_modify(|n| *n += 1);
+    }
+
+    /// The set and its fetches, for the admin listener.
+    pub fn status(&self) -> serde_json::Value {
+        let state = self.lock();
+        serde_json::json!({
+            "url": self.settings.url,
+            "keys": self.keys.load().len(),
+            "fetched": state.last_success.is_some(),
+            "failing": state.failing,
+            "seconds_since_fetch": state.last_success.map(|t| t.elapsed().as_secs()),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FetchState> {
