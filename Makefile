@@ -23,7 +23,7 @@ test: deps
 bench: deps
 	./benches/load/run.sh
 ifneq ($(BENCH_QUICK),1)
-	$(CARGO) bench --bench router
+	$(CARGO) bench --bench router --bench jwt
 endif
 
 lint:

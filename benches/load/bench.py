@@ -247,9 +247,39 @@ http://{PROXY[0]}:{PROXY[1]} {{
 
 
 BENCH_API_KEY = "bench-key-0123456789abcdef"
+BENCH_JWT_SECRET = "bench-jwt-secret-0123456789abcdef"
 
 
-def tollgate_config(name: str, routes: int) -> Path:
+def bench_jwt() -> str:
+    """An HS256 token for the bench provider, valid for a day: the same
+    token on every request, so the gateway verifies it once and then
+    finds it in its cache."""
+    import base64
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "bench"}).encode())
+    now = int(time.time())
+    payload = b64(json.dumps({"sub": "bench-user", "iss": "https://id.bench", "aud": "bench",
+                              "iat": now, "exp": now + 86400, "scope": "bench:read"}).encode())
+    signature = hmac.new(BENCH_JWT_SECRET.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64(signature)}"
+
+
+def auth_headers(auth: Optional[str]) -> list:
+    """What the load generators send for a BENCH_AUTH mode: the same
+    header with and without authentication on the route (`header`,
+    `bearer`), so the difference is what authenticating costs."""
+    if auth in ("api_key", "header"):
+        return [("X-API-Key", BENCH_API_KEY)]
+    if auth in ("jwt", "bearer"):
+        return [("Authorization", f"Bearer {bench_jwt()}")]
+    return []
+
+
+def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
     d = RAW / name
     d.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -264,15 +294,29 @@ def tollgate_config(name: str, routes: int) -> Path:
         f'  backend: {{ targets: ["{UPSTREAM[0]}:{UPSTREAM[1]}"] }}',
         "routes:",
     ]
-    # BENCH_AUTH=api_key puts the route behind an API key (the load
-    # generators then send BENCH_API_KEY): the cost of authentication.
-    if routes == 1 and os.environ.get("BENCH_AUTH") == "api_key":
+    # auth (or BENCH_AUTH) = api_key puts the route behind an API key, jwt
+    # behind a JWT provider (the load generators then send auth_headers):
+    # the cost of authentication.
+    auth = auth or os.environ.get("BENCH_AUTH")
+    if routes == 1 and auth == "api_key":
         digest = hashlib.sha256(BENCH_API_KEY.encode()).hexdigest()
         lines[lines.index("upstreams:"):lines.index("upstreams:")] = [
             "consumers:",
             f'  bench: {{ api_keys: ["sha256:{digest}"] }}',
         ]
         lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [api_key] }")
+    elif routes == 1 and auth == "jwt":
+        lines[lines.index("upstreams:"):lines.index("upstreams:")] = [
+            "auth:",
+            "  jwt:",
+            "    main:",
+            "      issuer: https://id.bench",
+            "      audiences: [bench]",
+            f'      keys: [{{ kid: bench, alg: HS256, secret: "{BENCH_JWT_SECRET}" }}]',
+            "      forward_claims: { sub: X-User-Id }",
+        ]
+        lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [jwt:main], "
+                     "require_scopes: [bench:read] }")
     elif routes == 1:
         lines.append("  - { name: all, path_prefix: /, upstream: backend }")
     else:
@@ -283,9 +327,9 @@ def tollgate_config(name: str, routes: int) -> Path:
     return conf
 
 
-def start_tollgate(name: str, routes: int, binary: str = "") -> Callable[[], Proc]:
+def start_tollgate(name: str, routes: int, binary: str = "", auth: Optional[str] = None) -> Callable[[], Proc]:
     def start() -> Proc:
-        conf = tollgate_config(name, routes)
+        conf = tollgate_config(name, routes, auth)
         exe = binary or str(ROOT / "target/release/tollgate")
         return Proc(name, [exe, "-c", str(conf)], env={"RUST_LOG": "warn"})
     return start
@@ -315,6 +359,7 @@ class Scenario:
     start: Optional[Callable[[], Proc]]  # None: load goes straight to the upstream
     path: str = "/api/bench"
     memory: bool = False  # also measure RSS idle / with 10k idle connections
+    headers: list = field(default_factory=list)  # (name, value) sent with every request
     result: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # one dict per max-phase round
 
@@ -323,6 +368,7 @@ SCENARIOS = [
     Scenario("direct upstream", None),
     Scenario("tollgate pass-through", start_tollgate("tollgate", 1), memory=True),
     Scenario("tollgate 1000 routes", start_tollgate("tollgate-1000", 1000), path="/api/r999/bench"),
+    Scenario("tollgate JWT", start_tollgate("tollgate-jwt", 1, auth="jwt"), headers=auth_headers("jwt")),
     Scenario("bare Pingora", start_bare_pingora, memory=True),
     Scenario("nginx", start_nginx_proxy, memory=True),
     Scenario("HAProxy", start_haproxy, memory=True),
@@ -343,9 +389,13 @@ if os.environ.get("BARE_BASE"):
 
 # ---------------------------------------------------------------- load
 
-def run_wrk(url: str, seconds: int) -> dict:
+def header_args(headers: list) -> list:
+    return [arg for name, value in headers for arg in ("-H", f"{name}: {value}")]
+
+
+def run_wrk(url: str, seconds: int, headers: list = ()) -> dict:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", url],
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", *header_args(headers), url],
         capture_output=True, text=True,
     ).stdout
     res = {"requests": 0, "rps": 0.0, "errors": 0}
@@ -364,10 +414,11 @@ def run_wrk(url: str, seconds: int) -> dict:
     return res
 
 
-def run_oha(url: str, rate: float, seconds: int) -> dict:
+def run_oha(url: str, rate: float, seconds: int, headers: list = ()) -> dict:
     oha = TOOLS / "oha"
     proc = subprocess.run(
         ["taskset", "-c", LOAD_CPU, str(oha), "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-q", str(int(rate)),
+         *header_args(headers),
          "--latency-correction", "--no-tui", "--output-format", "json", url],
         capture_output=True, text=True,
     )
@@ -465,10 +516,10 @@ def run_scenario(s: Scenario, phase: str, rate: float = 0) -> None:
             return
     try:
         if phase == "max":
-            run_wrk(url, 2)  # warm-up: connection pools, caches, page faults
+            run_wrk(url, 2, s.headers)  # warm-up: connection pools, caches, page faults
             pids = proc.pids() if proc else []
             cpu0 = cpu_seconds(pids)
-            w = run_wrk(url, max(1, DURATION // ROUNDS))
+            w = run_wrk(url, max(1, DURATION // ROUNDS), s.headers)
             cpu1 = cpu_seconds(pids)
             sample = dict(rps=w["rps"], errors=w["errors"], requests=w["requests"])
             if proc and w["requests"]:
@@ -478,8 +529,8 @@ def run_scenario(s: Scenario, phase: str, rate: float = 0) -> None:
             summarize_max(s)
             log(f"{s.name}: {w['rps']:.0f} req/s, cpu {sample.get('cpu_us', 0):.1f} us/req, errors {w['errors']}")
         elif phase == "latency":
-            run_wrk(url, 1)
-            o = run_oha(url, rate, LATENCY_DURATION)
+            run_wrk(url, 1, s.headers)
+            o = run_oha(url, rate, LATENCY_DURATION, s.headers)
             s.result["latency"] = o
             log(f"{s.name}: at {rate:.0f} req/s p50 {o.get('p50_ms', 0):.2f} ms p99 {o.get('p99_ms', 0):.2f} ms")
         elif phase == "memory" and proc:

@@ -10,6 +10,8 @@
 #   TOLLGATE=/path/to/other/tollgate benches/load/instructions.sh tollgate
 #   BARE=/path/to/other/bare_pingora benches/load/instructions.sh bare
 #   BENCH_AUTH=api_key benches/load/instructions.sh tollgate   (route behind an API key)
+#   BENCH_AUTH=jwt benches/load/instructions.sh tollgate       (behind a JWT provider, one HS256 token)
+#   BENCH_AUTH=header|bearer: the same headers to a route without auth (the baselines)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -40,11 +42,11 @@ count() {
     sleep 0.2
   done
   local auth=()
-  # BENCH_AUTH=header sends the same key to a route without auth: the
-  # baseline that isolates what authentication costs.
-  if [ "${BENCH_AUTH:-}" = api_key ] || [ "${BENCH_AUTH:-}" = header ]; then
-    auth=(-H "X-API-Key: $(python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; print(bench.BENCH_API_KEY)')")
-  fi
+  # BENCH_AUTH=header (bearer) sends the same key (token) to a route
+  # without auth: the baseline that isolates what authentication costs.
+  while IFS= read -r line; do
+    [ -n "$line" ] && auth+=(-H "$line")
+  done < <(python3 -c 'import os, sys; sys.path.insert(0, "benches/load"); import bench; [print(f"{n}: {v}") for n, v in bench.auth_headers(os.environ.get("BENCH_AUTH"))]')
   benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json "${auth[@]}" http://127.0.0.1:18080/api/bench > "$raw/callgrind-oha-$n.json"
   kill -INT $proxy
   wait $proxy 2>/dev/null || true
