@@ -214,14 +214,19 @@ impl Provider {
             Err(refusal) => return TokenCheck::Invalid(refusal),
         };
         let now = now_seconds();
-        let generation = self.remote.as_ref().map_or(0, |r| r.generation());
+        // Read before verifying: a key dropped meanwhile makes this entry
+        // stale, never a token verified with it current.
+        let mut generation = self.remote.as_ref().map_or(0, |r| r.generation());
         if let Some(verified) = self.cache.get(token, now, generation) {
             return TokenCheck::Valid(verified);
         }
         self.cache.verifications.fetch_add(1, Ordering::Relaxed);
         let mut result = self.verify(token, now);
         if let (Err(Refusal::UnknownKey), Some(remote)) = (&result, &self.remote) {
-            if remote.refetch_for_unknown_kid().await {
+            // Boxed: the wait (a timer, a channel) is rare, and inline it
+            // would enlarge every request's future.
+            if Box::pin(remote.refetch_for_unknown_kid()).await {
+                generation = remote.generation();
                 result = self.verify(token, now_seconds());
             }
         }
