@@ -19,6 +19,8 @@ pub enum GatewayError {
     RequestTimeout,
     BodyTooLarge,
     UriTooLong,
+    /// The caller is over the route's rate limit.
+    RateLimited,
     HeaderTooLarge(&'static str),
     /// A transfer coding other than chunked.
     NotImplemented(&'static str),
@@ -41,6 +43,7 @@ impl GatewayError {
             GatewayError::RequestTimeout => 408,
             GatewayError::BodyTooLarge => 413,
             GatewayError::UriTooLong => 414,
+            GatewayError::RateLimited => 429,
             GatewayError::HeaderTooLarge(_) => 431,
             GatewayError::NotImplemented(_) => 501,
             GatewayError::VersionNotSupported => 505,
@@ -63,6 +66,7 @@ impl GatewayError {
             GatewayError::RequestTimeout => "request_timeout",
             GatewayError::BodyTooLarge => "body_too_large",
             GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::RateLimited => "rate_limited",
             GatewayError::HeaderTooLarge(_) => "header_too_large",
             GatewayError::NotImplemented(_) => "not_implemented",
             GatewayError::VersionNotSupported => "http_version_not_supported",
@@ -86,6 +90,9 @@ impl GatewayError {
             GatewayError::RequestTimeout => "the request was not received in time",
             GatewayError::BodyTooLarge => "the request body is larger than allowed",
             GatewayError::UriTooLong => "the request target is longer than allowed",
+            GatewayError::RateLimited => {
+                "too many requests; retry after the time Retry-After gives"
+            }
             GatewayError::VersionNotSupported => "only HTTP/1.0 and HTTP/1.1 are supported",
             GatewayError::NoHealthyTarget => "the upstream has no healthy target",
             GatewayError::ConnectFailed => "could not connect to the upstream",

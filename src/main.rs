@@ -18,6 +18,7 @@ use tollgate::admin::AdminApp;
 use tollgate::auth::jwt::remote::RefreshService;
 use tollgate::config::file::ServerSection;
 use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
+use tollgate::limit::gcra::SweepService;
 use tollgate::memory::ReturnMemory;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
@@ -111,6 +112,10 @@ fn main() -> ExitCode {
     server.add_service(background_service(
         "health checks",
         HealthService::new(Arc::clone(&store.pools().health)),
+    ));
+    server.add_service(background_service(
+        "rate limit sweep",
+        SweepService::new(Arc::clone(&store.pools().rate_limiters)),
     ));
     server.add_service(background_service(
         "JWKS refresh",

@@ -6,9 +6,11 @@
 //! it to the end, so a reload never changes a request halfway.
 
 use crate::auth::cache::TokenCache;
+use crate::auth::ip::TrustedProxies;
 use crate::auth::jwt::remote::{RemoteKeys, RemoteSettings};
 use crate::auth::jwt::{Provider, Verified};
 use crate::downstream::Limits;
+use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
 use crate::upstream::health::{HealthProbe, HealthSettings};
@@ -23,6 +25,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Whether a sane client `X-Request-Id` is kept.
     pub trust_request_id: bool,
+    /// Whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
     pub index: RouteIndex,
     /// Routes in file order; the index refers to them by position. Shared,
     /// so a request holds its route, not the whole snapshot.
@@ -53,6 +57,8 @@ pub struct Pools {
     /// JWT providers' verified tokens, by provider, for one fingerprint of
     /// its keys and claim rules.
     pub token_caches: StatePool<[u8; 32], TokenCache<Verified>>,
+    /// Local rate limiters, by route (and consumer, for consumers' own).
+    pub rate_limiters: Arc<StatePool<LimiterSettings, LocalLimiter>>,
 }
 
 /// What one compile drew from every pool.
@@ -61,6 +67,7 @@ pub struct Draws {
     pub health: Drawn<HealthSettings, HealthProbe>,
     pub jwks: Drawn<RemoteSettings, RemoteKeys>,
     pub token_caches: Drawn<[u8; 32], TokenCache<Verified>>,
+    pub rate_limiters: Drawn<LimiterSettings, LocalLimiter>,
 }
 
 impl Pools {
@@ -69,5 +76,6 @@ impl Pools {
         self.health.commit(draws.health);
         self.jwks.commit(draws.jwks);
         self.token_caches.commit(draws.token_caches);
+        self.rate_limiters.commit(draws.rate_limiters);
     }
 }

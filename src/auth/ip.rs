@@ -1,6 +1,8 @@
 //! Client IP allow and deny lists: CIDR blocks, checked before any
 //! credential.
 
+use http::HeaderName;
+use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
 /// One CIDR block.
@@ -71,6 +73,55 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// Proxies whose `X-Forwarded-For` is believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<Cidr>);
+
+impl TrustedProxies {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client behind `peer`: the peer itself, unless it is a trusted
+    /// proxy; then `X-Forwarded-For` is walked from the right (the entry
+    /// the peer added) past trusted hops, and the first address not
+    /// trusted is the client. An entry that is not an address stops the
+    /// walk at the hop that reported it: what lies left of it is the
+    /// client's to write.
+    pub fn client(&self, peer: IpAddr, req: &RequestHeader) -> IpAddr {
+        if self.0.is_empty() || !self.trusts(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for line in req.headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+            let Ok(text) = line.to_str() else {
+                return client;
+            };
+            for entry in text.rsplit(',') {
+                let Some(ip) = forwarded_address(entry.trim()) else {
+                    return client;
+                };
+                client = ip;
+                if !self.trusts(ip) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// An `X-Forwarded-For` entry: an address, possibly with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+}
+
 /// A route's IP rules: a deny list, and an allow list that, when present,
 /// admits only the addresses it names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,6 +155,49 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_client_is_found_past_trusted_proxies_only() {
+        let trusted = TrustedProxies(vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("192.0.2.7").unwrap(),
+        ]);
+        let client = |peer: &str, xff: &[&str]| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            for line in xff {
+                req.append_header("X-Forwarded-For", *line).unwrap();
+            }
+            trusted.client(ip(peer), &req)
+        };
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(client("203.0.113.9", &["1.1.1.1"]), ip("203.0.113.9"));
+        // A trusted peer: the rightmost untrusted entry.
+        assert_eq!(client("10.0.0.1", &["1.1.1.1, 2.2.2.2"]), ip("2.2.2.2"));
+        assert_eq!(
+            client("10.0.0.1", &["6.6.6.6, 1.1.1.1, 10.9.9.9", "192.0.2.7"]),
+            ip("1.1.1.1")
+        );
+        assert_eq!(
+            client("10.0.0.1", &["[2001:db8::5]:4711"]),
+            ip("2001:db8::5")
+        );
+        assert_eq!(client("10.0.0.1", &["1.1.1.1:80"]), ip("1.1.1.1"));
+        // No header, or only trusted hops: the last trusted address.
+        assert_eq!(client("10.0.0.1", &[]), ip("10.0.0.1"));
+        assert_eq!(client("10.0.0.1", &["10.0.0.2"]), ip("10.0.0.2"));
+        // Garbage stops the walk at the hop that reported it.
+        assert_eq!(
+            client("10.0.0.1", &["1.1.1.1, junk, 10.0.0.3"]),
+            ip("10.0.0.3")
+        );
+        assert_eq!(
+            TrustedProxies::default().client(
+                ip("10.0.0.1"),
+                &RequestHeader::build("GET", b"/", None).unwrap()
+            ),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]

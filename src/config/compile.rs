@@ -10,8 +10,10 @@ use super::access::{
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::file::{LimitsSpec, SizeText};
+use super::limits::{compile_consumer_rates, compile_rate_limit};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
+use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
 use crate::router::{
@@ -122,7 +124,15 @@ pub fn compile(
     }
     check_server(&file.server, &mut errors);
     let limits = compile_limits(&file.limits, &mut errors);
+    let mut trusted_proxies = TrustedProxies::default();
+    for (i, text) in file.trusted_proxies.iter().enumerate() {
+        match Cidr::parse(text) {
+            Ok(c) => trusted_proxies.0.push(c),
+            Err(e) => errors.add(format!("trusted_proxies[{i}]"), e),
+        }
+    }
     let jwt = compile_jwt_providers(&file, base, pools, &mut draws, &mut errors);
+    let consumer_rates = compile_consumer_rates(&file, &mut errors);
     let auth = Authenticators {
         api_keys: compile_api_keys(&file, &mut errors),
         identity_headers: identity_headers(&jwt),
@@ -216,6 +226,17 @@ pub fn compile(
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
         let access = compile_access(&at, spec, &file, &auth, &mut errors);
+        let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
+            compile_rate_limit(
+                &at,
+                spec,
+                r,
+                &consumer_rates,
+                pools,
+                &mut draws,
+                &mut errors,
+            )
+        });
         let cors = spec.cors.as_ref().and_then(|c| {
             compile_cors(
                 &format!("{at}.cors"),
@@ -232,6 +253,7 @@ pub fn compile(
                 access,
                 cors,
                 identity_headers: Arc::clone(&auth.identity_headers),
+                rate_limit,
             },
             name: spec.name.clone(),
             upstream,
@@ -257,6 +279,7 @@ pub fn compile(
     let snapshot = Snapshot {
         limits,
         trust_request_id: file.trust_request_id.unwrap_or(true),
+        trusted_proxies,
         index: index.build(),
         routes,
         clusters,

@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub consumers: BTreeMap<String, ConsumerSpec>,
     /// Whether a sane client `X-Request-Id` is kept (else one is generated).
     pub trust_request_id: Option<bool>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
     /// Ordered by name so errors and `/readyz` come out in a stable order.
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: Vec<RouteSpec>,
@@ -275,6 +277,31 @@ pub struct RouteSpec {
     pub ip_allow: Option<Vec<String>>,
     pub ip_deny: Option<Vec<String>>,
     pub cors: Option<CorsSpec>,
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A route's rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// `client_ip` (default), `consumer`, `route` or `header:<name>`.
+    pub key: Option<String>,
+    /// `N/s`, `N/m` or `N/h`.
+    pub rate: String,
+    /// Requests a fresh key may send at once; default N.
+    pub burst: Option<u32>,
+    /// `local` (default) or `global`.
+    pub scope: Option<String>,
+    /// Keys held before idle ones are dropped; default 1,000,000.
+    pub max_keys: Option<usize>,
+}
+
+/// A consumer's own rate limit, replacing a route's for that consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerRateLimitSpec {
+    pub rate: String,
+    pub burst: Option<u32>,
 }
 
 /// A route's CORS rules.
@@ -352,6 +379,7 @@ pub struct ConsumerSpec {
     pub api_keys: Vec<String>,
     #[serde(default)]
     pub groups: Vec<String>,
+    pub rate_limit: Option<ConsumerRateLimitSpec>,
 }
 
 /// The admin listener: an address, or an address with readiness rules.

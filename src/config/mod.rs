@@ -9,6 +9,7 @@
 mod access;
 pub mod compile;
 pub mod file;
+mod limits;
 pub mod values;
 
 use file::{
@@ -66,7 +67,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 const TOP_LEVEL_KEYS: &str =
-    "server, listen, admin, limits, trust_request_id, auth, consumers, upstreams, routes";
+    "server, listen, admin, limits, trust_request_id, trusted_proxies, auth, consumers, upstreams, routes";
 
 /// Reads the file's text into its typed form. Each section, each upstream and
 /// each route is deserialized on its own, so one mistake does not hide others.
@@ -140,6 +141,11 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
             }
             "trust_request_id" => {
                 config.trust_request_id = section::<bool>(&key, value, &mut errors);
+            }
+            "trusted_proxies" => {
+                if let Some(list) = section::<Vec<String>>(&key, value, &mut errors) {
+                    config.trusted_proxies = list;
+                }
             }
             "upstreams" => parse_upstreams(value, &mut config, &mut errors),
             "routes" => parse_routes(value, &mut config, &mut errors),

@@ -31,6 +31,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses a rate: `100/s`, `1000/m`, `50/h` (requests per period).
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("{text:?} is not a rate; write it like 100/s, 1000/m or 50/h");
+    let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    if count == 0 {
+        return Err(format!("{text:?}: the rate must be at least 1"));
+    }
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    // governor counts in nanoseconds: one request per nanosecond at most.
+    if per.as_nanos() / u128::from(count) == 0 {
+        return Err(format!("{text:?} is more than one request per nanosecond"));
+    }
+    Ok((count, per))
+}
+
 /// Parses a size: `512B`, `32KiB`, `10MiB`, `1GiB`. A unit is required, as
 /// for durations.
 pub fn parse_size(text: &str) -> Result<u64, String> {

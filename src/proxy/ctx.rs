@@ -2,6 +2,7 @@
 
 use crate::auth::Identity;
 use crate::error::GatewayError;
+use crate::limit::Verdict;
 use crate::router::Route;
 use crate::upstream::{Cluster, InFlight};
 use http::HeaderValue;
@@ -20,6 +21,8 @@ pub struct RequestCtx {
     pub timing: Timing,
     /// Set when the gateway decides the outcome itself.
     pub outcome: Option<GatewayError>,
+    /// The route's rate-limit decision, for the `RateLimit-*` headers.
+    pub rate: Option<Verdict>,
 }
 
 impl RequestCtx {
@@ -28,6 +31,7 @@ impl RequestCtx {
             matched: None,
             client: Client {
                 ip: None,
+                peer: None,
                 identity: None,
             },
             id: RequestId {
@@ -45,6 +49,7 @@ impl RequestCtx {
                 interim_deadline: None,
             },
             outcome: None,
+            rate: None,
         }
     }
 }
@@ -68,7 +73,11 @@ pub struct RouteMatch {
 
 /// Who is calling, resolved once per request.
 pub struct Client {
+    /// The client: the peer, or past trusted proxies the address their
+    /// `X-Forwarded-For` names. Limits, IP lists and hashing use it.
     pub ip: Option<IpAddr>,
+    /// The TCP peer, which `X-Forwarded-For` gets appended.
+    pub peer: Option<IpAddr>,
     /// The caller the route's authentication identified.
     pub identity: Option<Identity>,
 }

@@ -52,7 +52,7 @@ pub fn set_forwarding_headers(
     ctx: &RequestCtx,
     m: &RouteMatch,
 ) -> Result<()> {
-    if let Some(ip) = ctx.client.ip {
+    if let Some(ip) = ctx.client.peer {
         let mut xff = String::with_capacity(48);
         for prior in upstream_request.headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(prior) = prior.to_str() {

@@ -64,7 +64,11 @@ impl ProxyHttp for Gateway {
         // Begin.
         let snapshot = self.store.load();
         request::settle_request_id(&snapshot, session.req_header(), ctx);
-        ctx.client.ip = request::client_ip(session);
+        ctx.client.peer = request::peer_ip(session);
+        ctx.client.ip = ctx
+            .client
+            .peer
+            .map(|peer| snapshot.trusted_proxies.client(peer, session.req_header()));
         let facts = request::head_facts(session);
 
         // A CORS preflight is answered for the route of the method it asks
@@ -97,6 +101,9 @@ impl ProxyHttp for Gateway {
         let mut checked = request::check_body_size(m, facts);
         if checked.is_ok() {
             checked = request::authorize(m, session.req_header(), &mut ctx.client).await;
+        }
+        if checked.is_ok() {
+            checked = request::rate_limit(m, session.req_header(), &ctx.client, &mut ctx.rate);
         }
         if let Err(rejection) = checked {
             respond(session, ctx, rejection).await?;
@@ -237,6 +244,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         response::fit_client_version(session, upstream_response);
         response::echo_request_id(upstream_response, ctx)?;
+        response::set_rate_headers(upstream_response, ctx)?;
         if let Some(m) = ctx.matched.as_ref() {
             if let Some(cors) = &m.route.policy.cors {
                 cors.decorate(session.req_header(), upstream_response)?;

@@ -7,6 +7,7 @@ use super::respond::Rejection;
 use crate::downstream::head::HeadFacts;
 use crate::downstream::stream::RequestStream;
 use crate::error::GatewayError;
+use crate::limit::Verdict;
 use crate::observe::request_id;
 use crate::router::{normalize_path, routing_host, without_parameters, Lookup};
 use crate::snapshot::Snapshot;
@@ -22,8 +23,8 @@ use std::time::Instant;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The client's IP address, resolved once.
-pub fn client_ip(session: &Session) -> Option<IpAddr> {
+/// The TCP peer's address.
+pub fn peer_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr()?.as_inet().map(SocketAddr::ip)
 }
 
@@ -132,6 +133,26 @@ pub async fn authorize(
     }
     client.identity = access.check(req, client.ip).await?;
     Ok(())
+}
+
+/// The route's rate limit: counts the request, refuses it over the limit.
+pub fn rate_limit(
+    m: &RouteMatch,
+    req: &RequestHeader,
+    client: &Client,
+    rate: &mut Option<Verdict>,
+) -> Result<(), Rejection> {
+    let Some(limit) = &m.route.policy.rate_limit else {
+        return Ok(());
+    };
+    let verdict = limit.check(req, client.ip, client.identity.as_ref());
+    let allowed = verdict.decision.allowed;
+    *rate = Some(verdict);
+    if allowed {
+        Ok(())
+    } else {
+        Err(GatewayError::RateLimited.into())
+    }
 }
 
 /// The route's timeout runs from here.

@@ -6,6 +6,7 @@ use super::forward::case_name;
 use super::respond::fail;
 use crate::downstream::stream::RequestStream;
 use crate::error::GatewayError;
+use crate::limit::number;
 use crate::upstream::Cluster;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderName, Version};
@@ -168,5 +169,24 @@ pub fn fit_client_version(session: &mut Session, resp: &mut ResponseHeader) {
 /// The request id, echoed on every response.
 pub fn echo_request_id(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
     resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
+    Ok(())
+}
+
+/// The `RateLimit-*` headers of a limited route, on every answer (the
+/// upstream's and the gateway's own); a refusal adds `Retry-After`.
+pub fn set_rate_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+    let Some(verdict) = &ctx.rate else {
+        return Ok(());
+    };
+    let d = verdict.decision;
+    resp.insert_header(case_name("RateLimit-Limit"), verdict.limit.clone())?;
+    resp.insert_header(
+        case_name("RateLimit-Remaining"),
+        number(u64::from(d.remaining)),
+    )?;
+    resp.insert_header(case_name("RateLimit-Reset"), number(d.reset))?;
+    if !d.allowed {
+        resp.insert_header(http::header::RETRY_AFTER, number(d.retry_after))?;
+    }
     Ok(())
 }

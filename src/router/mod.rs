@@ -50,6 +50,8 @@ pub struct RoutePolicy {
     /// JWT provider's forwarded claims): a client's own copies are removed
     /// on every route, whatever its authentication.
     pub identity_headers: std::sync::Arc<[http::HeaderName]>,
+    /// The route's rate limit, when set.
+    pub rate_limit: Option<std::sync::Arc<crate::limit::RateLimit>>,
 }
 
 impl Default for RoutePolicy {
@@ -61,6 +63,7 @@ impl Default for RoutePolicy {
             access: AccessPolicy::default(),
             cors: None,
             identity_headers: std::sync::Arc::new([http::HeaderName::from_static("x-consumer")]),
+            rate_limit: None,
         }
     }
 }

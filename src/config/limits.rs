@@ -1,0 +1,180 @@
+//! Routes' `rate_limit` and consumers' own: compiled into limiters drawn
+//! from the pool, so a reload keeps the buckets of an unchanged limit.
+
+use super::compile::Errors;
+use super::file::{FileConfig, RateLimitSpec, RouteSpec};
+use super::values::parse_rate;
+use crate::limit::gcra::{LimiterSettings, LocalLimiter};
+use crate::limit::{number, KeyKind, RateLimit};
+use crate::snapshot::{Draws, Pools};
+use http::HeaderName;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Keys a limiter holds before the sweeper drops idle ones.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// A consumer's own rate, checked once for every route.
+pub(super) struct ConsumerRate {
+    requests: u32,
+    per: Duration,
+    burst: u32,
+}
+
+/// The consumers with a `rate_limit` of their own.
+pub(super) fn compile_consumer_rates(
+    file: &FileConfig,
+    errors: &mut Errors,
+) -> BTreeMap<String, ConsumerRate> {
+    let mut rates = BTreeMap::new();
+    for (name, consumer) in &file.consumers {
+        let Some(spec) = &consumer.rate_limit else {
+            continue;
+        };
+        let at = format!("consumers.{name}.rate_limit");
+        match parse_rate(&spec.rate) {
+            Ok((requests, per)) => {
+                let burst = spec.burst.unwrap_or(requests);
+                if burst == 0 {
+                    errors.add(format!("{at}.burst"), "must be at least 1");
+                    continue;
+                }
+                rates.insert(
+                    name.clone(),
+                    ConsumerRate {
+                        requests,
+                        per,
+                        burst,
+                    },
+                );
+            }
+            Err(e) => errors.add(format!("{at}.rate"), e),
+        }
+    }
+    rates
+}
+
+/// A route's rate limit.
+pub(super) fn compile_rate_limit(
+    at: &str,
+    route: &RouteSpec,
+    spec: &RateLimitSpec,
+    consumers: &BTreeMap<String, ConsumerRate>,
+    pools: &Pools,
+    draws: &mut Draws,
+    errors: &mut Errors,
+) -> Option<Arc<RateLimit>> {
+    let at = format!("{at}.rate_limit");
+    let before = errors.0.len();
+    let has_auth = route.auth.as_ref().is_some_and(|a| !a.is_empty());
+    let key_text = spec.key.as_deref().unwrap_or("client_ip");
+    let kind = match key_text {
+        "client_ip" => KeyKind::ClientIp,
+        "route" => KeyKind::Route,
+        "consumer" => {
+            if !has_auth {
+                errors.add(
+                    format!("{at}.key"),
+                    "consumer needs auth on the route: a public route has no consumer",
+                );
+            }
+            KeyKind::Consumer
+        }
+        other => {
+            match other.strip_prefix("header:") {
+                Some(name) => match HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(h) => KeyKind::Header(h),
+                    Err(_) => {
+                        errors.add(
+                            format!("{at}.key"),
+                            format!("{name:?} is not a header name"),
+                        );
+                        KeyKind::ClientIp
+                    }
+                },
+                None => {
+                    errors.add(
+                    format!("{at}.key"),
+                    format!("{other:?} is not a key; use client_ip, consumer, route or header:<name>"),
+                );
+                    KeyKind::ClientIp
+                }
+            }
+        }
+    };
+    let rate = parse_rate(&spec.rate).map_err(|e| errors.add(format!("{at}.rate"), e));
+    let burst = spec.burst.or(rate.as_ref().ok().map(|r| r.0)).unwrap_or(1);
+    if burst == 0 {
+        errors.add(format!("{at}.burst"), "must be at least 1");
+    }
+    let max_keys = spec.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+    if max_keys == 0 {
+        errors.add(format!("{at}.max_keys"), "must be at least 1");
+    }
+    match spec.scope.as_deref().unwrap_or("local") {
+        "local" => {}
+        "global" => errors.add(
+            format!("{at}.scope"),
+            "global (Redis) limits are not available yet; use local",
+        ),
+        other => errors.add(
+            format!("{at}.scope"),
+            format!("{other:?} is not a scope; use local or global"),
+        ),
+    }
+    let Ok((requests, per)) = rate else {
+        return None;
+    };
+    if errors.0.len() > before {
+        return None;
+    }
+    let settings = LimiterSettings {
+        requests,
+        per,
+        burst,
+        max_keys,
+        key: key_text.to_owned(),
+    };
+    let limiter = draw(&route.name, &settings, pools, draws, &at, errors)?;
+    let mut overrides = HashMap::default();
+    // Only an API key names a consumer.
+    if route.auth.iter().flatten().any(|m| m == "api_key") {
+        for (name, rate) in consumers {
+            let settings = LimiterSettings {
+                requests: rate.requests,
+                per: rate.per,
+                burst: rate.burst,
+                max_keys,
+                key: "consumer".to_owned(),
+            };
+            // Consumer names have no NUL: route and consumer stay apart.
+            let state = format!("{}\0{name}", route.name);
+            let limiter = draw(&state, &settings, pools, draws, &at, errors)?;
+            overrides.insert(name.clone(), (limiter, number(u64::from(rate.burst))));
+        }
+    }
+    Some(Arc::new(RateLimit {
+        kind,
+        limiter,
+        limit_header: number(u64::from(burst)),
+        overrides,
+    }))
+}
+
+fn draw(
+    name: &str,
+    settings: &LimiterSettings,
+    pools: &Pools,
+    draws: &mut Draws,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Arc<LocalLimiter>> {
+    pools
+        .rate_limiters
+        .draw(&mut draws.rate_limiters, name, settings, || {
+            LocalLimiter::new(settings)
+        })
+        .map_err(|e| errors.add(at, e))
+        .ok()
+}
