@@ -317,6 +317,12 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
         ]
         lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [jwt:main], "
                      "require_scopes: [bench:read] }")
+    elif routes == 1 and os.environ.get("BENCH_LIMIT") in ("local", "local-quiet"):
+        # A local rate limit that never trips: the cost of counting (and of
+        # the RateLimit-* headers, unless local-quiet).
+        headers = ", headers: false" if os.environ["BENCH_LIMIT"] == "local-quiet" else ""
+        lines.append("  - { name: all, path_prefix: /, upstream: backend, "
+                     f"rate_limit: {{ rate: 100000000/s, burst: 1000000{headers} }} }}")
     elif routes == 1:
         lines.append("  - { name: all, path_prefix: /, upstream: backend }")
     else:

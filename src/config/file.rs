@@ -294,6 +294,8 @@ pub struct RateLimitSpec {
     pub scope: Option<String>,
     /// Keys held before idle ones are dropped; default 1,000,000.
     pub max_keys: Option<usize>,
+    /// Whether every answer carries the `RateLimit-*` headers; default true.
+    pub headers: Option<bool>,
 }
 
 /// A consumer's own rate limit, replacing a route's for that consumer.

@@ -158,6 +158,7 @@ pub(super) fn compile_rate_limit(
         kind,
         limiter,
         limit_header: number(u64::from(burst)),
+        headers: spec.headers.unwrap_or(true),
         overrides,
     }))
 }

@@ -14,7 +14,7 @@
 
 use crate::state::StatePool;
 use async_trait::async_trait;
-use governor::clock::{Clock, QuantaClock};
+use governor::clock::{Clock, MonotonicClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
@@ -42,7 +42,7 @@ type Store = DashMapStateStore<u128, ahash::RandomState>;
 type Buckets<C> = RateLimiter<u128, Store, C, StateInformationMiddleware>;
 
 /// One limit's buckets.
-pub struct LocalLimiter<C: Clock + Clone = QuantaClock> {
+pub struct LocalLimiter<C: Clock + Clone = MonotonicClock> {
     /// Swapped for an empty one when over `max_keys` (governor's store
     /// cannot evict active keys one by one).
     limiter: arc_swap::ArcSwap<Buckets<C>>,
@@ -68,9 +68,9 @@ pub struct Decision {
     pub retry_after: u64,
 }
 
-impl LocalLimiter<QuantaClock> {
+impl LocalLimiter<MonotonicClock> {
     pub fn new(settings: &LimiterSettings) -> Result<Self, String> {
-        LocalLimiter::with_clock(settings, QuantaClock::default())
+        LocalLimiter::with_clock(settings, MonotonicClock)
     }
 }
 

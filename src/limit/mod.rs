@@ -38,6 +38,9 @@ pub struct RateLimit {
     pub limiter: Arc<LocalLimiter>,
     /// `RateLimit-Limit` of `limiter`, rendered once.
     pub limit_header: HeaderValue,
+    /// Whether allowed answers carry the `RateLimit-*` headers (a refusal
+    /// always does).
+    pub headers: bool,
     /// Consumers with a `rate_limit` of their own: their limiter (keyed by
     /// consumer) and its `RateLimit-Limit`.
     pub overrides: HashMap<String, (Arc<LocalLimiter>, HeaderValue), ahash::RandomState>,
@@ -67,6 +70,8 @@ impl Eq for RateLimit {}
 pub struct Verdict {
     pub decision: Decision,
     pub limit: HeaderValue,
+    /// Whether the answer carries the `RateLimit-*` headers.
+    pub headers: bool,
 }
 
 /// Hashes strings into 128-bit keys under a per-process seed, so nobody
@@ -99,8 +104,10 @@ impl RateLimit {
     ) -> Verdict {
         if let Some(Identity::Consumer(c)) = identity {
             if let Some((limiter, limit)) = self.overrides.get(&c.name) {
+                let decision = limiter.check(hashed(c.name.as_bytes()));
                 return Verdict {
-                    decision: limiter.check(hashed(c.name.as_bytes())),
+                    headers: self.headers || !decision.allowed,
+                    decision,
                     limit: limit.clone(),
                 };
             }
@@ -117,8 +124,10 @@ impl RateLimit {
                 None => ip_key(ip),
             },
         };
+        let decision = self.limiter.check(key);
         Verdict {
-            decision: self.limiter.check(key),
+            headers: self.headers || !decision.allowed,
+            decision,
             limit: self.limit_header.clone(),
         }
     }

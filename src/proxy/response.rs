@@ -175,7 +175,7 @@ pub fn echo_request_id(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()
 /// The `RateLimit-*` headers of a limited route, on every answer (the
 /// upstream's and the gateway's own); a refusal adds `Retry-After`.
 pub fn set_rate_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    let Some(verdict) = &ctx.rate else {
+    let Some(verdict) = ctx.rate.as_ref().filter(|v| v.headers) else {
         return Ok(());
     };
     let d = verdict.decision;
