@@ -25,6 +25,8 @@ pub enum GatewayError {
     /// A transfer coding other than chunked.
     NotImplemented(&'static str),
     VersionNotSupported,
+    /// A route's or upstream's `max_inflight`, or the client's, is reached.
+    Overloaded,
     NoHealthyTarget,
     ConnectFailed,
     UpstreamError,
@@ -51,6 +53,7 @@ impl GatewayError {
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamError => 502,
             GatewayError::UpstreamTimeout => 504,
+            GatewayError::Overloaded => 503,
             GatewayError::Internal => 500,
         }
     }
@@ -73,6 +76,7 @@ impl GatewayError {
             GatewayError::NoHealthyTarget | GatewayError::ConnectFailed => "upstream_unavailable",
             GatewayError::UpstreamError => "upstream_error",
             GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::Overloaded => "overloaded",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -98,6 +102,7 @@ impl GatewayError {
             GatewayError::ConnectFailed => "could not connect to the upstream",
             GatewayError::UpstreamError => "the upstream failed while answering",
             GatewayError::UpstreamTimeout => "the upstream did not answer in time",
+            GatewayError::Overloaded => "too many requests are in progress; retry shortly",
             GatewayError::Internal => "the gateway failed to handle the request",
         }
     }

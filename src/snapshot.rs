@@ -15,7 +15,9 @@ use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
 use crate::upstream::health::{HealthProbe, HealthSettings};
 use crate::upstream::Cluster;
+use pingora_limits::inflight::Inflight;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 /// One compiled, validated configuration.
@@ -59,6 +61,11 @@ pub struct Pools {
     pub token_caches: StatePool<[u8; 32], TokenCache<Verified>>,
     /// Local rate limiters, by route (and consumer, for consumers' own).
     pub rate_limiters: Arc<StatePool<LimiterSettings, LocalLimiter>>,
+    /// `max_inflight` counters, by `route:<name>` and `upstream:<name>`:
+    /// shared across reloads whatever the ceiling.
+    pub inflight: StatePool<(), AtomicUsize>,
+    /// `max_inflight_per_client` estimators, by route.
+    pub client_inflight: StatePool<(), Inflight>,
 }
 
 /// What one compile drew from every pool.
@@ -68,6 +75,8 @@ pub struct Draws {
     pub jwks: Drawn<RemoteSettings, RemoteKeys>,
     pub token_caches: Drawn<[u8; 32], TokenCache<Verified>>,
     pub rate_limiters: Drawn<LimiterSettings, LocalLimiter>,
+    pub inflight: Drawn<(), AtomicUsize>,
+    pub client_inflight: Drawn<(), Inflight>,
 }
 
 impl Pools {
@@ -77,5 +86,7 @@ impl Pools {
         self.jwks.commit(draws.jwks);
         self.token_caches.commit(draws.token_caches);
         self.rate_limiters.commit(draws.rate_limiters);
+        self.inflight.commit(draws.inflight);
+        self.client_inflight.commit(draws.client_inflight);
     }
 }

@@ -189,3 +189,98 @@ fn t_checks_rate_limits() {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
+
+/// An upstream that holds every request until released.
+struct Held {
+    server: support::upstream::Scripted,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Held {
+    fn start() -> Held {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let release = std::sync::Arc::new(AtomicBool::new(false));
+        let released = std::sync::Arc::clone(&release);
+        let server = support::upstream::Scripted::start(move |_, _, _, w| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !released.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .is_ok()
+        });
+        Held { server, release }
+    }
+
+    fn let_go(&self) {
+        self.release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Starts `n` requests that will wait at the upstream; returns their
+/// threads once the upstream holds all of them.
+fn hold(
+    gw: &Gateway,
+    held: &Held,
+    path: &'static str,
+    header: (&'static str, &'static str),
+    n: usize,
+) -> Vec<std::thread::JoinHandle<u16>> {
+    let before = held.server.hits();
+    let addr = gw.addr;
+    let threads: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || request(addr, "GET", "h", path, &[header], b"").status))
+        .collect();
+    gw.wait_until("the upstream holds the requests", || {
+        held.server.hits() >= before + n
+    });
+    threads
+}
+
+#[test]
+fn requests_over_max_inflight_get_503_at_once() {
+    let held = Held::start();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  slow: {{ targets: [\"{}\"], max_inflight: 3 }}\nroutes:\n  - {{ name: r, path_prefix: /r, upstream: slow, max_inflight: 2 }}\n  - {{ name: other, path_prefix: /other, upstream: slow }}\n",
+        held.server.addr
+    ));
+    let no_header = ("X-Nothing", "1");
+    // The route's ceiling: two in progress, the third refused.
+    let route = hold(&gw, &held, "/r", no_header, 2);
+    let refused = get(&gw, "/r", &[]);
+    assert_eq!(refused.assert_gateway_error(503), "overloaded");
+    // The upstream's ceiling (3) counts every route to it.
+    let other = hold(&gw, &held, "/other", no_header, 1);
+    assert_eq!(
+        get(&gw, "/other", &[]).assert_gateway_error(503),
+        "overloaded"
+    );
+    held.let_go();
+    for t in route.into_iter().chain(other) {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    // Every place was given back, refusals included.
+    assert_eq!(statuses(&gw, 2, "/r", &[]), [200, 200]);
+}
+
+#[test]
+fn max_inflight_per_client_counts_each_client() {
+    let held = Held::start();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  slow: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: tenant, path_prefix: /tenant, upstream: slow, max_inflight_per_client: 1, rate_limit: {{ key: \"header:X-Tenant\", rate: 1000/s }} }}\n",
+        held.server.addr
+    ));
+    let a = hold(&gw, &held, "/tenant", ("X-Tenant", "a"), 1);
+    assert_eq!(
+        get(&gw, "/tenant", &[("X-Tenant", "a")]).assert_gateway_error(503),
+        "overloaded"
+    );
+    let b = hold(&gw, &held, "/tenant", ("X-Tenant", "b"), 1);
+    held.let_go();
+    for t in a.into_iter().chain(b) {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    assert_eq!(statuses(&gw, 1, "/tenant", &[("X-Tenant", "a")]), [200]);
+}

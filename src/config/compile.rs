@@ -10,7 +10,7 @@ use super::access::{
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::file::{LimitsSpec, SizeText};
-use super::limits::{compile_consumer_rates, compile_rate_limit};
+use super::limits::{ceiling, compile_consumer_rates, compile_rate_limit, compile_route_inflight};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
@@ -226,6 +226,8 @@ pub fn compile(
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
         let access = compile_access(&at, spec, &file, &auth, &mut errors);
+        let (max_inflight, per_client) =
+            compile_route_inflight(&at, spec, pools, &mut draws, &mut errors);
         let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
             compile_rate_limit(
                 &at,
@@ -254,6 +256,8 @@ pub fn compile(
                 cors,
                 identity_headers: Arc::clone(&auth.identity_headers),
                 rate_limit,
+                max_inflight,
+                per_client,
             },
             name: spec.name.clone(),
             upstream,
@@ -642,6 +646,20 @@ fn compile_upstream(
         None => None,
     };
 
+    let max_inflight = spec.max_inflight.and_then(|max| {
+        ceiling(
+            &format!("{at}.max_inflight"),
+            &format!("upstream:{name}"),
+            max,
+            pools,
+            draws,
+            errors,
+        )
+    });
+    if errors.0.len() > before {
+        return None;
+    }
+
     // An upstream that did not change keeps its cluster object, and with it
     // its round-robin position, load counters and health state.
     if let Some(prev) = previous {
@@ -658,6 +676,7 @@ fn compile_upstream(
         };
         if same_targets
             && same_probe
+            && prev.max_inflight == max_inflight
             && prev.balance == balance
             && prev.hash_key == hash_key
             && prev.timeouts == timeouts
@@ -667,7 +686,7 @@ fn compile_upstream(
             return Some(Arc::clone(prev));
         }
     }
-    Some(Arc::new(Cluster::new(
+    let mut cluster = Cluster::new(
         name.to_owned(),
         balance,
         targets,
@@ -677,7 +696,9 @@ fn compile_upstream(
         retry_on,
         probe,
         previous.map(|p| p.as_ref()),
-    )))
+    );
+    cluster.max_inflight = max_inflight;
+    Some(Arc::new(cluster))
 }
 
 /// The probe settings for a `health_check` section.

@@ -57,6 +57,8 @@ pub struct ServerSection {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
     pub targets: Vec<TargetSpec>,
+    /// Requests in progress to this upstream at once.
+    pub max_inflight: Option<usize>,
     #[serde(default)]
     pub balance: Balance,
     pub hash_key: Option<String>,
@@ -278,6 +280,10 @@ pub struct RouteSpec {
     pub ip_deny: Option<Vec<String>>,
     pub cors: Option<CorsSpec>,
     pub rate_limit: Option<RateLimitSpec>,
+    /// Requests in progress on the route at once.
+    pub max_inflight: Option<usize>,
+    /// Requests in progress per caller (keyed like `rate_limit`).
+    pub max_inflight_per_client: Option<usize>,
 }
 
 /// A route's rate limit.

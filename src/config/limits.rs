@@ -5,10 +5,14 @@ use super::compile::Errors;
 use super::file::{FileConfig, RateLimitSpec, RouteSpec};
 use super::values::parse_rate;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
+use crate::limit::inflight::{Ceiling, PerClient};
 use crate::limit::{number, KeyKind, RateLimit};
+use crate::router::PerClientLimit;
 use crate::snapshot::{Draws, Pools};
 use http::HeaderName;
+use pingora_limits::inflight::Inflight;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,4 +182,77 @@ fn draw(
         })
         .map_err(|e| errors.add(at, e))
         .ok()
+}
+
+/// A route's `max_inflight` and `max_inflight_per_client`.
+pub(super) fn compile_route_inflight(
+    at: &str,
+    route: &RouteSpec,
+    pools: &Pools,
+    draws: &mut Draws,
+    errors: &mut Errors,
+) -> (Option<Ceiling>, Option<Arc<PerClientLimit>>) {
+    let ceiling = route.max_inflight.and_then(|max| {
+        ceiling(
+            &format!("{at}.max_inflight"),
+            &format!("route:{}", route.name),
+            max,
+            pools,
+            draws,
+            errors,
+        )
+    });
+    let per_client = route.max_inflight_per_client.and_then(|max| {
+        if max == 0 {
+            errors.add(
+                format!("{at}.max_inflight_per_client"),
+                "must be at least 1",
+            );
+            return None;
+        }
+        let counts = pools
+            .client_inflight
+            .draw::<()>(&mut draws.client_inflight, &route.name, &(), || {
+                Ok(Inflight::new())
+            })
+            .ok()?;
+        // Keyed like the rate limit, when the route has one.
+        let kind = route
+            .rate_limit
+            .as_ref()
+            .and_then(|r| r.key.as_deref())
+            .and_then(|k| match k {
+                "consumer" => Some(KeyKind::Consumer),
+                "route" => Some(KeyKind::Route),
+                other => HeaderName::from_bytes(other.strip_prefix("header:")?.as_bytes())
+                    .ok()
+                    .map(KeyKind::Header),
+            })
+            .unwrap_or(KeyKind::ClientIp);
+        Some(Arc::new(PerClientLimit {
+            kind,
+            limit: PerClient::new(max, counts),
+        }))
+    });
+    (ceiling, per_client)
+}
+
+/// An exact ceiling over the counter pooled as `state`.
+pub(super) fn ceiling(
+    at: &str,
+    state: &str,
+    max: usize,
+    pools: &Pools,
+    draws: &mut Draws,
+    errors: &mut Errors,
+) -> Option<Ceiling> {
+    if max == 0 {
+        errors.add(at, "must be at least 1");
+        return None;
+    }
+    let count = pools
+        .inflight
+        .draw::<()>(&mut draws.inflight, state, &(), || Ok(AtomicUsize::new(0)))
+        .ok()?;
+    Some(Ceiling::new(max, count))
 }

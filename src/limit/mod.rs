@@ -1,6 +1,7 @@
 //! Keeping callers within their limits, per route, after authentication:
 //!
-//! - [`gcra`]: rate limits (token buckets) kept in this process.
+//! - [`gcra`]: rate limits (token buckets) kept in this process;
+//! - [`inflight`]: requests in progress per route, upstream and client.
 //!
 //! A route's `rate_limit` is compiled once into a [`RateLimit`]: how its
 //! key is made, the limiter holding the buckets, and the limiters of
@@ -9,6 +10,7 @@
 //! limit.
 
 pub mod gcra;
+pub mod inflight;
 
 use crate::auth::Identity;
 use gcra::{Decision, LocalLimiter};
@@ -30,6 +32,29 @@ pub enum KeyKind {
     Route,
     /// A request header's value; requests without it count by client IP.
     Header(HeaderName),
+}
+
+impl KeyKind {
+    /// The request's key of this kind.
+    pub fn key(
+        &self,
+        req: &RequestHeader,
+        ip: Option<IpAddr>,
+        identity: Option<&Identity>,
+    ) -> u128 {
+        match self {
+            KeyKind::ClientIp => ip_key(ip),
+            KeyKind::Route => 0,
+            KeyKind::Consumer => match identity {
+                Some(who) => hashed(who.name().as_bytes()),
+                None => ip_key(ip),
+            },
+            KeyKind::Header(name) => match req.headers.get(name) {
+                Some(value) => hashed(value.as_bytes()),
+                None => ip_key(ip),
+            },
+        }
+    }
 }
 
 /// A route's compiled rate limit.
@@ -112,19 +137,7 @@ impl RateLimit {
                 };
             }
         }
-        let key = match &self.kind {
-            KeyKind::ClientIp => ip_key(ip),
-            KeyKind::Route => 0,
-            KeyKind::Consumer => match identity {
-                Some(who) => hashed(who.name().as_bytes()),
-                None => ip_key(ip),
-            },
-            KeyKind::Header(name) => match req.headers.get(name) {
-                Some(value) => hashed(value.as_bytes()),
-                None => ip_key(ip),
-            },
-        };
-        let decision = self.limiter.check(key);
+        let decision = self.limiter.check(self.kind.key(req, ip, identity));
         Verdict {
             headers: self.headers || !decision.allowed,
             decision,

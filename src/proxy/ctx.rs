@@ -2,6 +2,7 @@
 
 use crate::auth::Identity;
 use crate::error::GatewayError;
+use crate::limit::inflight::Slot;
 use crate::limit::Verdict;
 use crate::router::Route;
 use crate::upstream::{Cluster, InFlight};
@@ -23,6 +24,17 @@ pub struct RequestCtx {
     pub outcome: Option<GatewayError>,
     /// The route's rate-limit decision, for the `RateLimit-*` headers.
     pub rate: Option<Verdict>,
+    /// Places held under in-flight limits until the request ends.
+    pub slots: Slots,
+}
+
+/// A request's places under `max_inflight` limits, given back as the
+/// context drops at the end of the request.
+#[derive(Default)]
+pub struct Slots {
+    pub route: Option<Slot>,
+    pub upstream: Option<Slot>,
+    pub client: Option<pingora_limits::inflight::Guard>,
 }
 
 impl RequestCtx {
@@ -50,6 +62,7 @@ impl RequestCtx {
             },
             outcome: None,
             rate: None,
+            slots: Slots::default(),
         }
     }
 }

@@ -105,6 +105,9 @@ impl ProxyHttp for Gateway {
         if checked.is_ok() {
             checked = request::rate_limit(m, session.req_header(), &ctx.client, &mut ctx.rate);
         }
+        if checked.is_ok() {
+            checked = request::admit(m, session.req_header(), &ctx.client, &mut ctx.slots);
+        }
         if let Err(rejection) = checked {
             respond(session, ctx, rejection).await?;
             return Ok(true);

@@ -2,7 +2,7 @@
 //! and the route's rules for this request (body size, upgrades, the
 //! client's protocol version).
 
-use super::ctx::{Client, RequestCtx, RouteMatch, Timing};
+use super::ctx::{Client, RequestCtx, RouteMatch, Slots, Timing};
 use super::respond::Rejection;
 use crate::downstream::head::HeadFacts;
 use crate::downstream::stream::RequestStream;
@@ -153,6 +153,31 @@ pub fn rate_limit(
     } else {
         Err(GatewayError::RateLimited.into())
     }
+}
+
+/// In-flight limits: the route's, the upstream's, the caller's. A request
+/// over any of them is refused at once (503), never queued.
+pub fn admit(
+    m: &RouteMatch,
+    req: &RequestHeader,
+    client: &Client,
+    slots: &mut Slots,
+) -> Result<(), Rejection> {
+    let policy = &m.route.policy;
+    let overloaded = || Rejection::from(GatewayError::Overloaded);
+    if let Some(ceiling) = &policy.max_inflight {
+        slots.route = Some(ceiling.try_acquire().ok_or_else(overloaded)?);
+    }
+    if let Some(ceiling) = &m.cluster.max_inflight {
+        slots.upstream = Some(ceiling.try_acquire().ok_or_else(overloaded)?);
+    }
+    if let Some(per_client) = &policy.per_client {
+        let key = per_client
+            .kind
+            .key(req, client.ip, client.identity.as_ref());
+        slots.client = Some(per_client.limit.try_acquire(key).ok_or_else(overloaded)?);
+    }
+    Ok(())
 }
 
 /// The route's timeout runs from here.

@@ -52,7 +52,26 @@ pub struct RoutePolicy {
     pub identity_headers: std::sync::Arc<[http::HeaderName]>,
     /// The route's rate limit, when set.
     pub rate_limit: Option<std::sync::Arc<crate::limit::RateLimit>>,
+    /// `max_inflight`: requests in progress on the route.
+    pub max_inflight: Option<crate::limit::inflight::Ceiling>,
+    /// `max_inflight_per_client`, keyed like the rate limit.
+    pub per_client: Option<std::sync::Arc<PerClientLimit>>,
 }
+
+/// A route's `max_inflight_per_client` and what it counts by.
+#[derive(Debug)]
+pub struct PerClientLimit {
+    pub kind: crate::limit::KeyKind,
+    pub limit: crate::limit::inflight::PerClient,
+}
+
+impl PartialEq for PerClientLimit {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.limit.max == other.limit.max
+    }
+}
+
+impl Eq for PerClientLimit {}
 
 impl Default for RoutePolicy {
     fn default() -> Self {
@@ -64,6 +83,8 @@ impl Default for RoutePolicy {
             cors: None,
             identity_headers: std::sync::Arc::new([http::HeaderName::from_static("x-consumer")]),
             rate_limit: None,
+            max_inflight: None,
+            per_client: None,
         }
     }
 }

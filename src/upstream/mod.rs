@@ -120,6 +120,8 @@ pub struct Cluster {
     pub retries: u32,
     pub retry_on: RetryOn,
     pub health: Option<Arc<HealthProbe>>,
+    /// `max_inflight`: requests in progress to this upstream.
+    pub max_inflight: Option<crate::limit::inflight::Ceiling>,
     selector: Selector,
 }
 
@@ -188,6 +190,7 @@ impl Cluster {
             retries,
             retry_on,
             health,
+            max_inflight: None,
             selector,
         }
     }
