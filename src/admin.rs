@@ -13,12 +13,14 @@
 //! no body.
 
 use crate::store::ConfigStore;
+use crate::upstream::breaker::Phase;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Serves the admin endpoints.
 pub struct AdminApp {
@@ -38,12 +40,16 @@ impl AdminApp {
             .filter(|name| snapshot.cluster(name).is_none_or(|c| !c.has_ready_target()))
             .map(String::as_str)
             .collect();
+        let open = open_circuits(&snapshot);
         if unready.is_empty() {
-            (StatusCode::OK, json!({ "status": "ready" }))
+            (
+                StatusCode::OK,
+                json!({ "status": "ready", "open_circuits": open }),
+            )
         } else {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "status": "not_ready", "upstreams_without_healthy_target": unready }),
+                json!({ "status": "not_ready", "upstreams_without_healthy_target": unready, "open_circuits": open }),
             )
         }
     }
@@ -63,6 +69,7 @@ impl AdminApp {
                             "address": t.addr.to_string(),
                             "weight": t.weight,
                             "healthy": c.is_ready(i),
+                            "circuit": t.breaker.as_ref().map(|b| b.phase(Instant::now()).name()),
                         })
                     })
                     .collect();
@@ -95,8 +102,25 @@ impl AdminApp {
             "generation": status.generation,
             "reload_attempts": status.reload_attempts,
             "last_reload_error": status.last_reload_error,
+            "open_circuits": open_circuits(&self.store.current()),
         })
     }
+}
+
+/// Targets whose breaker is not closed, as `upstream/address`.
+fn open_circuits(snapshot: &crate::snapshot::Snapshot) -> Vec<String> {
+    let now = Instant::now();
+    snapshot
+        .clusters
+        .iter()
+        .flat_map(|c| {
+            c.targets.iter().filter_map(move |t| {
+                let phase = t.breaker.as_ref()?.phase(now);
+                (phase != Phase::Closed)
+                    .then(|| format!("{}/{} ({})", c.name, t.addr, phase.name()))
+            })
+        })
+        .collect()
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {

@@ -27,6 +27,8 @@ pub enum GatewayError {
     VersionNotSupported,
     /// A route's or upstream's `max_inflight`, or the client's, is reached.
     Overloaded,
+    /// Every target of the upstream has its circuit open.
+    CircuitOpen,
     NoHealthyTarget,
     ConnectFailed,
     UpstreamError,
@@ -54,6 +56,7 @@ impl GatewayError {
             | GatewayError::UpstreamError => 502,
             GatewayError::UpstreamTimeout => 504,
             GatewayError::Overloaded => 503,
+            GatewayError::CircuitOpen => 503,
             GatewayError::Internal => 500,
         }
     }
@@ -77,6 +80,7 @@ impl GatewayError {
             GatewayError::UpstreamError => "upstream_error",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::Overloaded => "overloaded",
+            GatewayError::CircuitOpen => "circuit_open",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -103,6 +107,9 @@ impl GatewayError {
             GatewayError::UpstreamError => "the upstream failed while answering",
             GatewayError::UpstreamTimeout => "the upstream did not answer in time",
             GatewayError::Overloaded => "too many requests are in progress; retry shortly",
+            GatewayError::CircuitOpen => {
+                "every target of the upstream is failing; its circuits are open"
+            }
             GatewayError::Internal => "the gateway failed to handle the request",
         }
     }

@@ -13,6 +13,7 @@ use crate::downstream::Limits;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
+use crate::upstream::breaker::{Breaker, BreakerSettings};
 use crate::upstream::health::{HealthProbe, HealthSettings};
 use crate::upstream::Cluster;
 use pingora_limits::inflight::Inflight;
@@ -66,6 +67,8 @@ pub struct Pools {
     pub inflight: StatePool<(), AtomicUsize>,
     /// `max_inflight_per_client` estimators, by route.
     pub client_inflight: StatePool<(), Inflight>,
+    /// Circuit breakers, by `upstream/address`.
+    pub breakers: StatePool<BreakerSettings, Breaker>,
 }
 
 /// What one compile drew from every pool.
@@ -77,6 +80,7 @@ pub struct Draws {
     pub rate_limiters: Drawn<LimiterSettings, LocalLimiter>,
     pub inflight: Drawn<(), AtomicUsize>,
     pub client_inflight: Drawn<(), Inflight>,
+    pub breakers: Drawn<BreakerSettings, Breaker>,
 }
 
 impl Pools {
@@ -88,5 +92,6 @@ impl Pools {
         self.rate_limiters.commit(draws.rate_limiters);
         self.inflight.commit(draws.inflight);
         self.client_inflight.commit(draws.client_inflight);
+        self.breakers.commit(draws.breakers);
     }
 }

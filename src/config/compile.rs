@@ -8,8 +8,8 @@ use super::access::{
     Authenticators,
 };
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
+use super::file::{CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
-use super::file::{LimitsSpec, SizeText};
 use super::limits::{ceiling, compile_consumer_rates, compile_rate_limit, compile_route_inflight};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
@@ -21,6 +21,7 @@ use crate::router::{
     RoutePolicy,
 };
 use crate::snapshot::{Draws, Pools, Snapshot};
+use crate::upstream::breaker::{Breaker, BreakerSettings};
 use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
 use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
 use http::{HeaderName, HeaderValue, Method};
@@ -656,6 +657,26 @@ fn compile_upstream(
             errors,
         )
     });
+    let breakers = match &spec.circuit_breaker {
+        Some(b) => {
+            let settings = breaker_settings(&format!("{at}.circuit_breaker"), b, errors);
+            targets
+                .iter()
+                .filter_map(|(addr, _)| {
+                    pools
+                        .breakers
+                        .draw::<()>(
+                            &mut draws.breakers,
+                            &format!("{name}/{addr}"),
+                            &settings,
+                            || Ok(Breaker::new(settings.clone())),
+                        )
+                        .ok()
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
     if errors.0.len() > before {
         return None;
     }
@@ -674,8 +695,18 @@ fn compile_upstream(
             (None, None) => true,
             _ => false,
         };
+        let same_breakers =
+            prev.targets
+                .iter()
+                .enumerate()
+                .all(|(i, t)| match (&t.breaker, breakers.get(i)) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                });
         if same_targets
             && same_probe
+            && same_breakers
             && prev.max_inflight == max_inflight
             && prev.balance == balance
             && prev.hash_key == hash_key
@@ -698,7 +729,42 @@ fn compile_upstream(
         previous.map(|p| p.as_ref()),
     );
     cluster.max_inflight = max_inflight;
+    cluster.set_breakers(breakers);
     Some(Arc::new(cluster))
+}
+
+/// An upstream's breaker settings, defaults filled in.
+fn breaker_settings(at: &str, spec: &CircuitBreakerSpec, errors: &mut Errors) -> BreakerSettings {
+    let defaults = BreakerSettings::default();
+    let window = spec
+        .window
+        .as_ref()
+        .and_then(|d| duration_at(errors, format!("{at}.window"), d))
+        .unwrap_or(defaults.window);
+    let open_for = spec
+        .open_for
+        .as_ref()
+        .and_then(|d| duration_at(errors, format!("{at}.open_for"), d))
+        .unwrap_or(defaults.open_for);
+    let error_percent = spec.error_percent.unwrap_or(defaults.error_percent);
+    if !(1..=100).contains(&error_percent) {
+        errors.add(format!("{at}.error_percent"), "must be 1 to 100");
+    }
+    let min_requests = spec.min_requests.unwrap_or(defaults.min_requests);
+    if min_requests == 0 {
+        errors.add(format!("{at}.min_requests"), "must be at least 1");
+    }
+    let half_open_probes = spec.half_open_probes.unwrap_or(defaults.half_open_probes);
+    if half_open_probes == 0 {
+        errors.add(format!("{at}.half_open_probes"), "must be at least 1");
+    }
+    BreakerSettings {
+        window,
+        min_requests,
+        error_percent,
+        open_for,
+        half_open_probes,
+    }
 }
 
 /// The probe settings for a `health_check` section.

@@ -59,6 +59,8 @@ pub struct UpstreamSpec {
     pub targets: Vec<TargetSpec>,
     /// Requests in progress to this upstream at once.
     pub max_inflight: Option<usize>,
+    /// A breaker per target.
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
     #[serde(default)]
     pub balance: Balance,
     pub hash_key: Option<String>,
@@ -284,6 +286,17 @@ pub struct RouteSpec {
     pub max_inflight: Option<usize>,
     /// Requests in progress per caller (keyed like `rate_limit`).
     pub max_inflight_per_client: Option<usize>,
+}
+
+/// An upstream's circuit breaker settings; every key has a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    pub window: Option<DurationText>,
+    pub min_requests: Option<u32>,
+    pub error_percent: Option<u32>,
+    pub open_for: Option<DurationText>,
+    pub half_open_probes: Option<u32>,
 }
 
 /// A route's rate limit.

@@ -5,6 +5,7 @@ use crate::error::GatewayError;
 use crate::limit::inflight::Slot;
 use crate::limit::Verdict;
 use crate::router::Route;
+use crate::upstream::breaker::Breaker;
 use crate::upstream::{Cluster, InFlight};
 use http::HeaderValue;
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +56,7 @@ impl RequestCtx {
                 tried: Vec::new(),
                 failures: 0,
                 last_failure: None,
+                breaker: None,
             },
             timing: Timing {
                 deadline: None,
@@ -118,6 +120,8 @@ pub struct Attempt {
     pub failures: u32,
     /// How the last failed attempt failed, reported if no target is left.
     pub last_failure: Option<GatewayError>,
+    /// The current attempt's circuit breaker, until its outcome is counted.
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 /// Deadlines that span attempts.

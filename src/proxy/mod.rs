@@ -20,6 +20,7 @@ pub mod retry;
 use crate::auth::cors;
 use crate::error::GatewayError;
 use crate::store::ConfigStore;
+use crate::upstream::breaker::Outcome;
 use crate::upstream::Balance;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,6 +33,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use respond::{classify, fail, respond};
 use retry::{decide, Decision, Failure, FailureKind};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The gateway: a handle on the running configuration.
 pub struct Gateway {
@@ -167,10 +169,13 @@ impl ProxyHttp for Gateway {
             &[]
         };
         let Some(index) = cluster.select(key, &ctx.attempt.tried) else {
-            let error = ctx
-                .attempt
-                .last_failure
-                .unwrap_or(GatewayError::NoHealthyTarget);
+            let error = if cluster.circuits_open(&ctx.attempt.tried) {
+                GatewayError::CircuitOpen
+            } else {
+                ctx.attempt
+                    .last_failure
+                    .unwrap_or(GatewayError::NoHealthyTarget)
+            };
             ctx.outcome = Some(error);
             return fail(error, error.message());
         };
@@ -195,6 +200,7 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.attempt.target = Some((index, cluster.acquire(index)));
+        ctx.attempt.breaker = cluster.targets.get(index).and_then(|t| t.breaker.clone());
         Ok(peer)
     }
 
@@ -230,6 +236,14 @@ impl ProxyHttp for Gateway {
             return fail(GatewayError::Internal, "a response without a route");
         };
         let m_cluster = Arc::clone(&m.cluster);
+        if let Some(breaker) = ctx.attempt.breaker.take() {
+            let outcome = if upstream_response.status.is_server_error() {
+                Outcome::Error
+            } else {
+                Outcome::Success
+            };
+            breaker.record(outcome, Instant::now());
+        }
         response::check_status(upstream_response)?;
         response::check_interim(upstream_response, &mut ctx.timing, &m_cluster)?;
         response::strip_hop_by_hop(upstream_response)?;
@@ -267,7 +281,7 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let failure = self.failure(ctx, FailureKind::ConnectFailure, true, |f| f);
         let decision = decide(&failure);
-        self.record_failure(peer, ctx, &e, decision);
+        self.record_failure(peer, ctx, &e, decision, Outcome::ConnectFailure);
         e.set_retry(matches!(decision, Decision::Retry { .. }));
         e
     }
@@ -298,7 +312,7 @@ impl ProxyHttp for Gateway {
         match decision {
             Decision::ClientStalled => ctx.outcome = Some(GatewayError::RequestTimeout),
             Decision::Retry { counts: true } | Decision::Stop if failure.from_upstream => {
-                self.record_failure(peer, ctx, &e, decision)
+                self.record_failure(peer, ctx, &e, decision, Outcome::Error)
             }
             _ => {}
         }
@@ -414,9 +428,21 @@ impl Gateway {
 
     /// Remembers a failed target, so a retry goes elsewhere, and how it
     /// failed, in case no target is left.
-    fn record_failure(&self, peer: &HttpPeer, ctx: &mut RequestCtx, e: &Error, decision: Decision) {
+    fn record_failure(
+        &self,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: &Error,
+        decision: Decision,
+        outcome: Outcome,
+    ) {
         if decision == (Decision::Retry { counts: false }) {
             return;
+        }
+        // The target's fault (a stale pooled connection returned above
+        // is not): its breaker counts it.
+        if let Some(breaker) = ctx.attempt.breaker.take() {
+            breaker.record(outcome, Instant::now());
         }
         if let Some(addr) = peer.address().as_inet() {
             ctx.attempt.tried.push(*addr);

@@ -6,8 +6,10 @@
 //! `least_conn` is not in Pingora; it is built here on per-target in-flight
 //! counts, over the same health state.
 
+pub mod breaker;
 pub mod health;
 
+use breaker::Breaker;
 use health::HealthProbe;
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
@@ -19,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How a target is chosen for each request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,7 +43,14 @@ pub struct Target {
     /// with the previous snapshot's target of the same address, so a reload
     /// does not forget the load already there.
     pub in_flight: Arc<AtomicUsize>,
+    /// The target's circuit breaker, when the upstream has one.
+    pub breaker: Option<Arc<Breaker>>,
 }
+
+/// A target's position, kept in its balancer backend so a selection can
+/// find the target (and its breaker) without a search.
+#[derive(Debug, Clone, Copy)]
+struct TargetIndex(usize);
 
 /// One request's share of a target's in-flight count, given back on drop, so
 /// every way a request can end (finished, failed, retried, cancelled)
@@ -122,6 +131,8 @@ pub struct Cluster {
     pub health: Option<Arc<HealthProbe>>,
     /// `max_inflight`: requests in progress to this upstream.
     pub max_inflight: Option<crate::limit::inflight::Ceiling>,
+    /// Whether the targets have circuit breakers.
+    has_breakers: bool,
     selector: Selector,
 }
 
@@ -156,14 +167,20 @@ impl Cluster {
     ) -> Cluster {
         let targets: Vec<Target> = targets
             .into_iter()
-            .map(|(addr, weight)| Target {
+            .enumerate()
+            .map(|(i, (addr, weight))| Target {
                 addr,
                 weight,
-                backend: Backend {
-                    addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
-                    weight: weight as usize,
-                    ext: Default::default(),
+                backend: {
+                    let mut backend = Backend {
+                        addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                        weight: weight as usize,
+                        ext: Default::default(),
+                    };
+                    backend.ext.insert(TargetIndex(i));
+                    backend
                 },
+                breaker: None,
                 in_flight: previous
                     .and_then(|p| p.targets.iter().find(|t| t.addr == addr))
                     .map(|t| Arc::clone(&t.in_flight))
@@ -191,6 +208,7 @@ impl Cluster {
             retry_on,
             health,
             max_inflight: None,
+            has_breakers: false,
             selector,
         }
     }
@@ -224,11 +242,19 @@ impl Cluster {
             // allocate a set of visited backends and hash the backend twice
             // (~900 instructions per request, callgrind); health and retries
             // are honoured the same way.
-            let usable = self.backends().ready(&only.backend) && !tried.contains(&only.addr);
+            let usable = self.backends().ready(&only.backend)
+                && !tried.contains(&only.addr)
+                && only
+                    .breaker
+                    .as_ref()
+                    .is_none_or(|b| b.try_admit(Instant::now()));
             return usable.then_some(0);
         }
+        let now = self.has_breakers.then(Instant::now);
         let accept = |b: &Backend, healthy: bool| {
-            healthy && b.addr.as_inet().is_some_and(|a| !tried.contains(a))
+            healthy
+                && b.addr.as_inet().is_some_and(|a| !tried.contains(a))
+                && now.is_none_or(|now| self.admits(b, now))
         };
         let chosen = match &self.selector {
             Selector::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
@@ -238,6 +264,41 @@ impl Cluster {
         }?;
         let addr = chosen.addr.as_inet()?;
         self.targets.iter().position(|t| t.addr == *addr)
+    }
+
+    /// Whether `b`'s breaker lets a request through now (taking a probe
+    /// when half-open).
+    fn admits(&self, b: &Backend, now: Instant) -> bool {
+        b.ext
+            .get::<TargetIndex>()
+            .and_then(|i| self.targets.get(i.0))
+            .and_then(|t| t.breaker.as_ref())
+            .is_none_or(|breaker| breaker.try_admit(now))
+    }
+
+    /// Whether every target left for this request is held off by its
+    /// breaker: then there is nothing to wait for (503 `circuit_open`).
+    pub fn circuits_open(&self, tried: &[SocketAddr]) -> bool {
+        if !self.has_breakers {
+            return false;
+        }
+        let now = Instant::now();
+        let mut left = self
+            .targets
+            .iter()
+            .filter(|t| !tried.contains(&t.addr) && self.backends().ready(&t.backend))
+            .peekable();
+        // With no target left at all, the last failure says why.
+        left.peek().is_some()
+            && left.all(|t| t.breaker.as_ref().is_some_and(|b| b.is_blocking(now)))
+    }
+
+    /// Sets the targets' breakers (compiled and pooled by the config).
+    pub fn set_breakers(&mut self, breakers: Vec<Arc<Breaker>>) {
+        self.has_breakers = !breakers.is_empty();
+        for (target, breaker) in self.targets.iter_mut().zip(breakers) {
+            target.breaker = Some(breaker);
+        }
     }
 
     /// The target with the fewest in-flight requests per unit of weight.
@@ -253,7 +314,12 @@ impl Cluster {
         for offset in 0..n {
             let i = (start + offset) % n;
             let t = &self.targets[i];
-            if tried.contains(&t.addr) || !lb.backends().ready(&t.backend) {
+            if tried.contains(&t.addr)
+                || !lb.backends().ready(&t.backend)
+                || t.breaker
+                    .as_ref()
+                    .is_some_and(|b| b.is_blocking(Instant::now()))
+            {
                 continue;
             }
             let load = t.in_flight.load(Ordering::Relaxed);
@@ -265,7 +331,14 @@ impl Cluster {
                 best = Some((i, load, t.weight));
             }
         }
-        best.map(|(i, _, _)| i)
+        let (i, _, _) = best?;
+        // Takes the probe of a half-open target (or finds it just closed
+        // to this request by a concurrent one).
+        let admitted = self.targets[i]
+            .breaker
+            .as_ref()
+            .is_none_or(|b| b.try_admit(Instant::now()));
+        admitted.then_some(i)
     }
 
     /// Counts a request as sent to target `index` until the returned guard
