@@ -291,7 +291,9 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
         "  graceful_shutdown_timeout_seconds: 0",
         f'listen: ["{PROXY[0]}:{PROXY[1]}"]',
         "upstreams:",
-        f'  backend: {{ targets: ["{UPSTREAM[0]}:{UPSTREAM[1]}"] }}',
+        f'  backend: {{ targets: ["{UPSTREAM[0]}:{UPSTREAM[1]}"]'
+        # BENCH_BREAKER=1: a circuit breaker on the upstream (never opens).
+        + (", circuit_breaker: {}" if os.environ.get("BENCH_BREAKER") == "1" else "") + " }",
         "routes:",
     ]
     # auth (or BENCH_AUTH) = api_key puts the route behind an API key, jwt

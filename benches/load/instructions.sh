@@ -13,6 +13,7 @@
 #   BENCH_AUTH=jwt benches/load/instructions.sh tollgate       (behind a JWT provider, one HS256 token)
 #   BENCH_AUTH=header|bearer: the same headers to a route without auth (the baselines)
 #   BENCH_LIMIT=local benches/load/instructions.sh tollgate  (a local rate limit that never trips)
+#   BENCH_BREAKER=1 benches/load/instructions.sh tollgate    (a circuit breaker on the upstream)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
