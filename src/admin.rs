@@ -103,6 +103,7 @@ impl AdminApp {
             "reload_attempts": status.reload_attempts,
             "last_reload_error": status.last_reload_error,
             "open_circuits": open_circuits(&self.store.current()),
+            "redis": self.store.current().redis.as_ref().map(|r| r.status()),
         })
     }
 }

@@ -19,6 +19,7 @@ use tollgate::auth::jwt::remote::RefreshService;
 use tollgate::config::file::ServerSection;
 use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::limit::gcra::SweepService;
+use tollgate::limit::redis::ConnectService;
 use tollgate::memory::ReturnMemory;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
@@ -112,6 +113,10 @@ fn main() -> ExitCode {
     server.add_service(background_service(
         "health checks",
         HealthService::new(Arc::clone(&store.pools().health)),
+    ));
+    server.add_service(background_service(
+        "redis connect",
+        ConnectService::new(Arc::clone(&store.pools().redis)),
     ));
     server.add_service(background_service(
         "rate limit sweep",

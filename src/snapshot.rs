@@ -11,6 +11,7 @@ use crate::auth::jwt::remote::{RemoteKeys, RemoteSettings};
 use crate::auth::jwt::{Provider, Verified};
 use crate::downstream::Limits;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
+use crate::limit::redis::{Redis, RedisSettings};
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -43,6 +44,8 @@ pub struct Snapshot {
     /// JWT providers by name, for the admin listener (routes hold their
     /// own references).
     pub jwt: Vec<Arc<Provider>>,
+    /// The Redis of global rate limits, when configured.
+    pub redis: Option<Arc<Redis>>,
 }
 
 impl Snapshot {
@@ -69,6 +72,8 @@ pub struct Pools {
     pub client_inflight: StatePool<(), Inflight>,
     /// Circuit breakers, by `upstream/address`.
     pub breakers: StatePool<BreakerSettings, Breaker>,
+    /// The Redis connection of global rate limits.
+    pub redis: Arc<StatePool<RedisSettings, Redis>>,
 }
 
 /// What one compile drew from every pool.
@@ -81,6 +86,7 @@ pub struct Draws {
     pub inflight: Drawn<(), AtomicUsize>,
     pub client_inflight: Drawn<(), Inflight>,
     pub breakers: Drawn<BreakerSettings, Breaker>,
+    pub redis: Drawn<RedisSettings, Redis>,
 }
 
 impl Pools {
@@ -93,5 +99,6 @@ impl Pools {
         self.inflight.commit(draws.inflight);
         self.client_inflight.commit(draws.client_inflight);
         self.breakers.commit(draws.breakers);
+        self.redis.commit(draws.redis);
     }
 }

@@ -10,7 +10,9 @@ use super::access::{
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
 use super::file::{CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
-use super::limits::{ceiling, compile_consumer_rates, compile_rate_limit, compile_route_inflight};
+use super::limits::{
+    ceiling, compile_consumer_rates, compile_rate_limit, compile_redis, compile_route_inflight,
+};
 use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
 use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
@@ -134,6 +136,7 @@ pub fn compile(
     }
     let jwt = compile_jwt_providers(&file, base, pools, &mut draws, &mut errors);
     let consumer_rates = compile_consumer_rates(&file, &mut errors);
+    let redis = compile_redis(&file, pools, &mut draws, &mut errors);
     let auth = Authenticators {
         api_keys: compile_api_keys(&file, &mut errors),
         identity_headers: identity_headers(&jwt),
@@ -235,6 +238,7 @@ pub fn compile(
                 spec,
                 r,
                 &consumer_rates,
+                redis.as_ref(),
                 pools,
                 &mut draws,
                 &mut errors,
@@ -292,6 +296,7 @@ pub fn compile(
         admin,
         readyz_requires,
         jwt: auth.jwt.values().cloned().collect(),
+        redis,
     };
     Ok(Compiled {
         snapshot,

@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub trust_request_id: Option<bool>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// Where global rate limits are kept.
+    pub redis: Option<RedisSpec>,
     /// Ordered by name so errors and `/readyz` come out in a stable order.
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: Vec<RouteSpec>,
@@ -286,6 +288,18 @@ pub struct RouteSpec {
     pub max_inflight: Option<usize>,
     /// Requests in progress per caller (keyed like `rate_limit`).
     pub max_inflight_per_client: Option<usize>,
+}
+
+/// The `redis:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSpec {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Longest wait for one decision; default 20ms.
+    pub timeout: Option<DurationText>,
+    /// `allow` (default) or `deny` when Redis cannot decide in time.
+    pub on_error: Option<String>,
 }
 
 /// An upstream's circuit breaker settings; every key has a default.

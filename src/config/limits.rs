@@ -1,12 +1,13 @@
 //! Routes' `rate_limit` and consumers' own: compiled into limiters drawn
 //! from the pool, so a reload keeps the buckets of an unchanged limit.
 
-use super::compile::Errors;
+use super::compile::{duration_at, Errors};
 use super::file::{FileConfig, RateLimitSpec, RouteSpec};
 use super::values::parse_rate;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::limit::inflight::{Ceiling, PerClient};
-use crate::limit::{number, KeyKind, RateLimit};
+use crate::limit::redis::{GlobalLimiter, OnError, Redis, RedisSettings};
+use crate::limit::{number, KeyKind, Limiter, RateLimit};
 use crate::router::PerClientLimit;
 use crate::snapshot::{Draws, Pools};
 use http::HeaderName;
@@ -60,11 +61,13 @@ pub(super) fn compile_consumer_rates(
 }
 
 /// A route's rate limit.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn compile_rate_limit(
     at: &str,
     route: &RouteSpec,
     spec: &RateLimitSpec,
     consumers: &BTreeMap<String, ConsumerRate>,
+    redis: Option<&Arc<Redis>>,
     pools: &Pools,
     draws: &mut Draws,
     errors: &mut Errors,
@@ -116,17 +119,25 @@ pub(super) fn compile_rate_limit(
     if max_keys == 0 {
         errors.add(format!("{at}.max_keys"), "must be at least 1");
     }
-    match spec.scope.as_deref().unwrap_or("local") {
-        "local" => {}
-        "global" => errors.add(
-            format!("{at}.scope"),
-            "global (Redis) limits are not available yet; use local",
-        ),
-        other => errors.add(
-            format!("{at}.scope"),
-            format!("{other:?} is not a scope; use local or global"),
-        ),
-    }
+    let global = match spec.scope.as_deref().unwrap_or("local") {
+        "local" => false,
+        "global" => {
+            if redis.is_none() {
+                errors.add(
+                    format!("{at}.scope"),
+                    "global limits are kept in Redis: configure the redis: section",
+                );
+            }
+            true
+        }
+        other => {
+            errors.add(
+                format!("{at}.scope"),
+                format!("{other:?} is not a scope; use local or global"),
+            );
+            false
+        }
+    };
     let Ok((requests, per)) = rate else {
         return None;
     };
@@ -140,7 +151,26 @@ pub(super) fn compile_rate_limit(
         max_keys,
         key: key_text.to_owned(),
     };
-    let limiter = draw(&route.name, &settings, pools, draws, &at, errors)?;
+    // A global bucket is named by its definition too: a changed limit
+    // starts fresh there as a local one does.
+    let make =
+        |name: &str, settings: &LimiterSettings, draws: &mut Draws, errors: &mut Errors| match (
+            global, redis,
+        ) {
+            (true, Some(redis)) => Some(Limiter::Global(Arc::new(GlobalLimiter::new(
+                Arc::clone(redis),
+                &format!(
+                    "{name}:{}/{}ms/{}",
+                    settings.requests,
+                    settings.per.as_millis(),
+                    settings.burst
+                ),
+                settings.per / settings.requests.max(1),
+                settings.burst,
+            )))),
+            _ => draw(name, settings, pools, draws, &at, errors).map(Limiter::Local),
+        };
+    let limiter = make(&route.name, &settings, draws, errors)?;
     let mut overrides = HashMap::default();
     // Only an API key names a consumer.
     if route.auth.iter().flatten().any(|m| m == "api_key") {
@@ -152,9 +182,10 @@ pub(super) fn compile_rate_limit(
                 max_keys,
                 key: "consumer".to_owned(),
             };
-            // Consumer names have no NUL: route and consumer stay apart.
-            let state = format!("{}\0{name}", route.name);
-            let limiter = draw(&state, &settings, pools, draws, &at, errors)?;
+            // Consumer names are plain (letters, digits, -_.), so "#"
+            // keeps route and consumer apart.
+            let state = format!("{}#{name}", route.name);
+            let limiter = make(&state, &settings, draws, errors)?;
             overrides.insert(name.clone(), (limiter, number(u64::from(rate.burst))));
         }
     }
@@ -255,4 +286,42 @@ pub(super) fn ceiling(
         .draw::<()>(&mut draws.inflight, state, &(), || Ok(AtomicUsize::new(0)))
         .ok()?;
     Some(Ceiling::new(max, count))
+}
+
+/// The `redis:` section: one shared connection, pooled so a reload that
+/// keeps the section keeps the connection.
+pub(super) fn compile_redis(
+    file: &FileConfig,
+    pools: &Pools,
+    draws: &mut Draws,
+    errors: &mut Errors,
+) -> Option<Arc<Redis>> {
+    let spec = file.redis.as_ref()?;
+    let timeout = match &spec.timeout {
+        Some(t) => duration_at(errors, "redis.timeout".into(), t)?,
+        None => Duration::from_millis(20),
+    };
+    let on_error = match spec.on_error.as_deref().unwrap_or("allow") {
+        "allow" => OnError::Allow,
+        "deny" => OnError::Deny,
+        other => {
+            errors.add(
+                "redis.on_error",
+                format!("{other:?} is neither allow nor deny"),
+            );
+            return None;
+        }
+    };
+    let settings = RedisSettings {
+        url: spec.url.clone(),
+        timeout,
+        on_error,
+    };
+    pools
+        .redis
+        .draw(&mut draws.redis, "redis", &settings, || {
+            Redis::new(settings.clone())
+        })
+        .map_err(|e| errors.add("redis.url", e))
+        .ok()
 }

@@ -11,12 +11,14 @@
 
 pub mod gcra;
 pub mod inflight;
+pub mod redis;
 
 use crate::auth::Identity;
 use gcra::{Decision, LocalLimiter};
 use http::{HeaderName, HeaderValue};
 use once_cell::sync::Lazy;
 use pingora::http::RequestHeader;
+use redis::GlobalLimiter;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -57,10 +59,46 @@ impl KeyKind {
     }
 }
 
+/// Where a limit's buckets are.
+pub enum Limiter {
+    /// In this process.
+    Local(Arc<LocalLimiter>),
+    /// In Redis, shared by every gateway using it.
+    Global(Arc<GlobalLimiter>),
+}
+
+impl Limiter {
+    fn burst(&self) -> u32 {
+        match self {
+            Limiter::Local(l) => l.burst(),
+            Limiter::Global(g) => g.burst(),
+        }
+    }
+
+    /// The decision, and whether its figures are known (a global limit
+    /// that Redis could not decide is `on_error`'s call, without them).
+    async fn check(&self, key: u128) -> (Decision, bool) {
+        match self {
+            Limiter::Local(l) => (l.check(key), true),
+            // Boxed: a Redis call's future is large, and only global limits
+            // should carry it.
+            Limiter::Global(g) => Box::pin(g.check(key)).await,
+        }
+    }
+
+    fn same(&self, other: &Limiter) -> bool {
+        match (self, other) {
+            (Limiter::Local(a), Limiter::Local(b)) => Arc::ptr_eq(a, b),
+            (Limiter::Global(a), Limiter::Global(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
 /// A route's compiled rate limit.
 pub struct RateLimit {
     pub kind: KeyKind,
-    pub limiter: Arc<LocalLimiter>,
+    pub limiter: Limiter,
     /// `RateLimit-Limit` of `limiter`, rendered once.
     pub limit_header: HeaderValue,
     /// Whether allowed answers carry the `RateLimit-*` headers (a refusal
@@ -68,7 +106,7 @@ pub struct RateLimit {
     pub headers: bool,
     /// Consumers with a `rate_limit` of their own: their limiter (keyed by
     /// consumer) and its `RateLimit-Limit`.
-    pub overrides: HashMap<String, (Arc<LocalLimiter>, HeaderValue), ahash::RandomState>,
+    pub overrides: HashMap<String, (Limiter, HeaderValue), ahash::RandomState>,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -76,6 +114,7 @@ impl std::fmt::Debug for RateLimit {
         f.debug_struct("RateLimit")
             .field("kind", &self.kind)
             .field("burst", &self.limiter.burst())
+            .field("global", &matches!(self.limiter, Limiter::Global(_)))
             .field("overrides", &self.overrides.len())
             .finish_non_exhaustive()
     }
@@ -84,7 +123,7 @@ impl std::fmt::Debug for RateLimit {
 impl PartialEq for RateLimit {
     /// The same compiled limiters: state is shared, never compared.
     fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && Arc::ptr_eq(&self.limiter, &other.limiter)
+        self.kind == other.kind && self.limiter.same(&other.limiter)
     }
 }
 
@@ -121,27 +160,32 @@ fn ip_key(ip: Option<IpAddr>) -> u128 {
 
 impl RateLimit {
     /// Counts the request against its bucket.
-    pub fn check(
+    pub async fn check(
         &self,
         req: &RequestHeader,
         ip: Option<IpAddr>,
         identity: Option<&Identity>,
     ) -> Verdict {
-        if let Some(Identity::Consumer(c)) = identity {
-            if let Some((limiter, limit)) = self.overrides.get(&c.name) {
-                let decision = limiter.check(hashed(c.name.as_bytes()));
-                return Verdict {
-                    headers: self.headers || !decision.allowed,
-                    decision,
-                    limit: limit.clone(),
-                };
-            }
-        }
-        let decision = self.limiter.check(self.kind.key(req, ip, identity));
+        let (limiter, key, limit) = match identity {
+            Some(Identity::Consumer(c)) => match self.overrides.get(&c.name) {
+                Some((limiter, limit)) => (limiter, hashed(c.name.as_bytes()), limit),
+                None => (
+                    &self.limiter,
+                    self.kind.key(req, ip, identity),
+                    &self.limit_header,
+                ),
+            },
+            _ => (
+                &self.limiter,
+                self.kind.key(req, ip, identity),
+                &self.limit_header,
+            ),
+        };
+        let (decision, known) = limiter.check(key).await;
         Verdict {
-            headers: self.headers || !decision.allowed,
+            headers: known && (self.headers || !decision.allowed),
             decision,
-            limit: self.limit_header.clone(),
+            limit: limit.clone(),
         }
     }
 }

@@ -105,7 +105,8 @@ impl ProxyHttp for Gateway {
             checked = request::authorize(m, session.req_header(), &mut ctx.client).await;
         }
         if checked.is_ok() {
-            checked = request::rate_limit(m, session.req_header(), &ctx.client, &mut ctx.rate);
+            checked =
+                request::rate_limit(m, session.req_header(), &ctx.client, &mut ctx.rate).await;
         }
         if checked.is_ok() {
             checked = request::admit(m, session.req_header(), &ctx.client, &mut ctx.slots);

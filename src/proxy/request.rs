@@ -136,7 +136,7 @@ pub async fn authorize(
 }
 
 /// The route's rate limit: counts the request, refuses it over the limit.
-pub fn rate_limit(
+pub async fn rate_limit(
     m: &RouteMatch,
     req: &RequestHeader,
     client: &Client,
@@ -145,7 +145,7 @@ pub fn rate_limit(
     let Some(limit) = &m.route.policy.rate_limit else {
         return Ok(());
     };
-    let verdict = limit.check(req, client.ip, client.identity.as_ref());
+    let verdict = limit.check(req, client.ip, client.identity.as_ref()).await;
     let allowed = verdict.decision.allowed;
     *rate = Some(verdict);
     if allowed {

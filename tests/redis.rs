@@ -1,0 +1,162 @@
+//! Global rate limits: a real redis-server started here on a free port,
+//! two gateway processes sharing it, Redis going away and coming back.
+
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::upstream::Upstream;
+use support::{free_port, scratch_dir, Gateway};
+
+/// A redis-server of the test's own, stopped when dropped.
+struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+        };
+        server.run();
+        server
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (scripts/install-deps.sh installs it)");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn config(redis: &RedisServer, up: &Upstream, on_error: &str) -> String {
+    format!(
+        "redis: {{ url: \"{}\", timeout: 500ms, on_error: {on_error} }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: global, path_prefix: /g, upstream: app, rate_limit: {{ rate: 1/m, burst: 5, scope: global }} }}\n",
+        redis.url(),
+        up.addr
+    )
+}
+
+fn connected(gw: &Gateway) -> bool {
+    gw.admin_get("/config").json()["redis"]["connected"] == true
+}
+
+#[test]
+fn two_gateways_share_one_bucket() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let one = Gateway::start(&config(&redis, &up, "allow"));
+    let two = Gateway::start(&config(&redis, &up, "allow"));
+    for gw in [&one, &two] {
+        gw.wait_until("connected to Redis", || connected(gw));
+    }
+    let mut statuses = Vec::new();
+    let mut remaining = Vec::new();
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &one } else { &two };
+        let resp = gw.get("h", "/g");
+        statuses.push(resp.status);
+        remaining.push(resp.header("ratelimit-remaining").unwrap_or("-").to_owned());
+    }
+    // Five in all, not five per gateway; the count runs across both.
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    assert_eq!(remaining[..5], ["4", "3", "2", "1", "0"]);
+    assert_eq!(up.hits(), 5);
+}
+
+#[test]
+fn redis_down_follows_on_error_and_its_return_restores_the_limit() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let allow = Gateway::start(&config(&redis, &up, "allow"));
+    let deny = Gateway::start(&config(&redis, &up, "deny"));
+    for gw in [&allow, &deny] {
+        gw.wait_until("connected to Redis", || connected(gw));
+    }
+    assert_eq!(allow.get("h", "/g").header("ratelimit-limit"), Some("5"));
+
+    redis.stop();
+    for _ in 0..10 {
+        let resp = allow.get("h", "/g");
+        assert_eq!(resp.status, 200, "on_error: allow");
+        assert_eq!(
+            resp.header("ratelimit-limit"),
+            None,
+            "no figures without Redis"
+        );
+        assert_eq!(
+            deny.get("h", "/g").assert_gateway_error(429),
+            "rate_limited"
+        );
+    }
+    let status = allow.admin_get("/config").json();
+    assert_eq!(status["redis"]["failing"], true);
+    assert!(status["redis"]["errors"].as_u64().unwrap() >= 10);
+    let logged = allow
+        .log()
+        .matches("global rate limits allow requests")
+        .count();
+    assert_eq!(logged, 1, "one log line per incident:\n{}", allow.log());
+
+    // Redis comes back on the same port: the limit applies again (a fresh
+    // Redis: the bucket starts full).
+    redis.run();
+    allow.wait_until("limits again", || {
+        allow.get("h", "/g").header("ratelimit-limit") == Some("5")
+    });
+    deny.wait_until("limits again", || deny.get("h", "/g").status == 200);
+    assert!(allow.log().contains("answers again"), "{}", allow.log());
+}
+
+#[test]
+fn t_checks_the_redis_section() {
+    let (code, _, err) = support::check_config(
+        "listen: [\"127.0.0.1:1\"]\nredis: { url: \"http://nope\", on_error: maybe }\nupstreams:\n  app: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, path_prefix: /, upstream: app, rate_limit: { rate: 1/s, scope: global } }\n",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("redis.on_error"), "{err}");
+    let (code, _, err) = support::check_config(
+        "listen: [\"127.0.0.1:1\"]\nupstreams:\n  app: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, path_prefix: /, upstream: app, rate_limit: { rate: 1/s, scope: global } }\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("routes[0].rate_limit.scope: global limits are kept in Redis"),
+        "{err}"
+    );
+}
