@@ -319,6 +319,14 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
         ]
         lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [jwt:main], "
                      "require_scopes: [bench:read] }")
+    elif routes == 1 and os.environ.get("BENCH_LIMIT") == "global":
+        # A global (Redis) rate limit that never trips; Redis on BENCH_REDIS_PORT.
+        port = os.environ.get("BENCH_REDIS_PORT", "16379")
+        lines[lines.index("upstreams:"):lines.index("upstreams:")] = [
+            f'redis: {{ url: "redis://127.0.0.1:{port}", timeout: 50ms }}',
+        ]
+        lines.append("  - { name: all, path_prefix: /, upstream: backend, "
+                     "rate_limit: { rate: 100000000/s, burst: 1000000, scope: global } }")
     elif routes == 1 and os.environ.get("BENCH_LIMIT") in ("local", "local-quiet"):
         # A local rate limit that never trips: the cost of counting (and of
         # the RateLimit-* headers, unless local-quiet).

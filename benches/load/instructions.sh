@@ -14,6 +14,7 @@
 #   BENCH_AUTH=header|bearer: the same headers to a route without auth (the baselines)
 #   BENCH_LIMIT=local benches/load/instructions.sh tollgate  (a local rate limit that never trips)
 #   BENCH_BREAKER=1 benches/load/instructions.sh tollgate    (a circuit breaker on the upstream)
+#   BENCH_LIMIT=global benches/load/instructions.sh tollgate (a Redis rate limit; starts redis-server)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -32,7 +33,12 @@ esac
 python3 -c 'import sys; sys.path.insert(0, "benches/load"); import bench; bench.RAW.mkdir(parents=True, exist_ok=True); bench.nginx_conf("upstream", f"listen 127.0.0.1:18000;\n  location / {{ default_type application/json; return 200 \x27{bench.BODY}\x27; }}")'
 taskset -c 1 nginx -c "$PWD/$raw/upstream/nginx.conf" &
 upstream=$!
-trap 'kill $upstream 2>/dev/null || true' EXIT
+redis=
+if [ "${BENCH_LIMIT:-}" = global ]; then
+  taskset -c 1 redis-server --port "${BENCH_REDIS_PORT:-16379}" --bind 127.0.0.1 --save "" --appendonly no > "$raw/redis.log" 2>&1 &
+  redis=$!
+fi
+trap 'kill $upstream $redis 2>/dev/null || true' EXIT
 sleep 0.5
 
 count() {
