@@ -279,7 +279,7 @@ def auth_headers(auth: Optional[str]) -> list:
     return []
 
 
-def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
+def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: Optional[str] = None) -> Path:
     d = RAW / name
     d.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -317,8 +317,11 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
             f'      keys: [{{ kid: bench, alg: HS256, secret: "{BENCH_JWT_SECRET}" }}]',
             "      forward_claims: { sub: X-User-Id }",
         ]
+        # limit="local" adds a local rate limit that never trips: the full
+        # chain of checks a protected route runs.
+        rate = ", rate_limit: { key: consumer, rate: 100000000/s, burst: 1000000 }" if limit == "local" else ""
         lines.append("  - { name: all, path_prefix: /, upstream: backend, auth: [jwt:main], "
-                     "require_scopes: [bench:read] }")
+                     f"require_scopes: [bench:read]{rate} }}")
     elif routes == 1 and os.environ.get("BENCH_LIMIT") == "global":
         # A global (Redis) rate limit that never trips; Redis on BENCH_REDIS_PORT.
         port = os.environ.get("BENCH_REDIS_PORT", "16379")
@@ -343,9 +346,10 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None) -> Path:
     return conf
 
 
-def start_tollgate(name: str, routes: int, binary: str = "", auth: Optional[str] = None) -> Callable[[], Proc]:
+def start_tollgate(name: str, routes: int, binary: str = "", auth: Optional[str] = None,
+                   limit: Optional[str] = None) -> Callable[[], Proc]:
     def start() -> Proc:
-        conf = tollgate_config(name, routes, auth)
+        conf = tollgate_config(name, routes, auth, limit)
         exe = binary or str(ROOT / "target/release/tollgate")
         return Proc(name, [exe, "-c", str(conf)], env={"RUST_LOG": "warn"})
     return start
@@ -384,7 +388,9 @@ SCENARIOS = [
     Scenario("direct upstream", None),
     Scenario("tollgate pass-through", start_tollgate("tollgate", 1), memory=True),
     Scenario("tollgate 1000 routes", start_tollgate("tollgate-1000", 1000), path="/api/r999/bench"),
-    Scenario("tollgate JWT", start_tollgate("tollgate-jwt", 1, auth="jwt"), headers=auth_headers("jwt")),
+    # JWT (HS256, cached) and a local rate limit keyed by its subject.
+    Scenario("tollgate full chain", start_tollgate("tollgate-chain", 1, auth="jwt", limit="local"),
+             headers=auth_headers("jwt")),
     Scenario("bare Pingora", start_bare_pingora, memory=True),
     Scenario("nginx", start_nginx_proxy, memory=True),
     Scenario("HAProxy", start_haproxy, memory=True),
