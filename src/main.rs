@@ -17,6 +17,7 @@ use std::time::Duration;
 use tollgate::admin::AdminApp;
 use tollgate::auth::jwt::remote::RefreshService;
 use tollgate::config::file::ServerSection;
+use tollgate::downstream::drain::{DrainService, DEFAULT_DRAIN_IDLE};
 use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::limit::gcra::SweepService;
 use tollgate::limit::redis::ConnectService;
@@ -114,6 +115,7 @@ fn main() -> ExitCode {
         "health checks",
         HealthService::new(Arc::clone(&store.pools().health)),
     ));
+    server.add_service(background_service("drain", DrainService));
     server.add_service(background_service(
         "redis connect",
         ConnectService::new(Arc::clone(&store.pools().redis)),
@@ -161,6 +163,12 @@ fn keepalive(s: &ServerSection) -> KeepaliveSettings {
     KeepaliveSettings {
         idle_timeout: (seconds > 0).then(|| Duration::from_secs(seconds)),
         request_limit: s.keepalive_request_limit,
+        // Checked by `-t`; a file that reached here parses.
+        drain_idle: s
+            .drain_idle_timeout
+            .as_ref()
+            .and_then(|d| tollgate::config::values::parse_duration(&d.0).ok())
+            .unwrap_or(DEFAULT_DRAIN_IDLE),
     }
 }
 

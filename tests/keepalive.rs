@@ -142,7 +142,7 @@ fn pipelined_requests_are_answered_in_order() {
 }
 
 #[test]
-fn a_graceful_stop_closes_idle_connections_at_once() {
+fn a_graceful_stop_closes_idle_connections_once_they_stay_idle() {
     let up = Upstream::start("a");
     let gw = Gateway::start_with_server("grace_period_seconds: 20", &routes(&up));
     // A connection that never sent a request, one idle after a request and

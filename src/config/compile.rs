@@ -309,6 +309,15 @@ pub fn compile(
 /// could not run with them (a panic per connection, a hang at start, a
 /// listener that accepts nothing).
 fn check_server(server: &ServerSpec, errors: &mut Errors) {
+    if let Some(d) = &server.drain_idle_timeout {
+        match parse_duration(&d.0) {
+            Ok(d) if d > Duration::from_secs(MAX_SERVER_SECONDS) => {
+                errors.add("server.drain_idle_timeout", "must be at most 24h")
+            }
+            Ok(_) => {}
+            Err(e) => errors.add("server.drain_idle_timeout", e),
+        }
+    }
     if server.keepalive_request_limit == Some(0) {
         errors.add(
             "server.keepalive_request_limit",

@@ -52,6 +52,9 @@ pub struct ServerSection {
     pub graceful_shutdown_timeout_seconds: Option<u64>,
     pub keepalive_timeout_seconds: Option<u64>,
     pub keepalive_request_limit: Option<u32>,
+    /// Once stopping, how long an idle client connection is kept for a
+    /// request on its way; default 1s.
+    pub drain_idle_timeout: Option<DurationText>,
 }
 
 /// One upstream: a named set of targets and how to spread load over them.

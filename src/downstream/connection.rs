@@ -47,6 +47,9 @@ pub struct KeepaliveSettings {
     pub idle_timeout: Option<Duration>,
     /// `None`: unlimited.
     pub request_limit: Option<u32>,
+    /// Once the server stops, how long an idle connection is kept for a
+    /// request that may be on its way.
+    pub drain_idle: Duration,
 }
 
 /// Wraps an HTTP application (tollgate's proxy) as the listening service's
@@ -124,10 +127,15 @@ where
         loop {
             // A pipelined request may already be here; otherwise wait.
             if conn.stash.is_empty() {
-                if !next_request_arrives(&mut conn.inner, &mut idle, &mut stopping).await {
+                let drain_idle = self.settings.drain_idle;
+                if !next_request_arrives(&mut conn.inner, &mut idle, &mut stopping, drain_idle)
+                    .await
+                {
                     return None;
                 }
-            } else if stopping.announced() || conn.finished() {
+            } else if conn.finished() {
+                // A pipelined request that is already here is answered even
+                // while stopping (with `Connection: close`).
                 return None;
             }
             self.limits.refresh(&mut limits);
@@ -417,8 +425,8 @@ impl Stopping {
 }
 
 /// Waits until the client sends something (or closes), without reading it.
-/// False when the connection should just be closed: idle too long, the
-/// server is shutting down, or the socket failed.
+/// False when the connection should just be closed: idle too long, idle
+/// for `drain_idle` once the server is stopping, or the socket failed.
 ///
 /// A zero-length read waits for readability and then returns at once: it
 /// consumes nothing, so Pingora's parser reads the request as usual. It
@@ -428,20 +436,31 @@ async fn next_request_arrives(
     stream: &mut Stream,
     idle: &mut IdleTimer,
     stopping: &mut Stopping,
+    drain_idle: Duration,
 ) -> bool {
     idle.arm();
-    let readable = poll_fn(|cx| {
+    let mut readable = poll_fn(|cx| {
         let mut nothing = ReadBuf::new(&mut []);
         Pin::new(&mut *stream).poll_read(cx, &mut nothing)
     });
-    // Stopping comes first: a connection whose next request is already
-    // there is still closed once the server stops.
     tokio::select! {
-        biased;
-        () = poll_fn(|cx| stopping.poll_stop(cx)) => false,
-        ready = readable => ready.is_ok(),
-        () = idle.sleep.as_mut() => false,
+        ready = &mut readable => return ready.is_ok(),
+        () = idle.sleep.as_mut() => return false,
+        () = poll_fn(|cx| stopping.poll_stop(cx)) => {}
     }
+    // Stopping: closing now could cut a request the client is sending at
+    // this moment. Waiting for `drain_idle` of silence lets it arrive (its
+    // answer closes the connection); the idle timeout still applies.
+    // Boxed: only a stopping process pays for the extra timer.
+    super::drain::start_draining();
+    Box::pin(async move {
+        tokio::select! {
+            ready = readable => ready.is_ok(),
+            () = idle.sleep.as_mut() => false,
+            () = tokio::time::sleep(drain_idle) => false,
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -474,6 +493,7 @@ mod tests {
             KeepaliveSettings {
                 idle_timeout: Some(Duration::from_secs(60)),
                 request_limit: None,
+                drain_idle: super::super::drain::DEFAULT_DRAIN_IDLE,
             },
             Arc::new(ConnectionGauge::default()),
             Arc::new(SharedLimits::new(Limits::default())),

@@ -3,12 +3,14 @@
 //! a time.
 //!
 //! - [`connection`]: the loop; idle connections hold no request state.
+//! - [`drain`]: what a stopping process does with its clients.
 //! - [`head`]: the head's limits, request line, `Host` and framing rules.
 //! - [`framing`]: where a message's body ends (length or chunked).
 //! - [`stream`]: the connection as Pingora sees it, one message at a time,
 //!   so pipelined requests are served in order.
 
 pub mod connection;
+pub mod drain;
 pub mod framing;
 pub mod head;
 pub mod stream;

@@ -260,6 +260,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        response::close_when_draining(session);
         response::fit_client_version(session, upstream_response);
         response::echo_request_id(upstream_response, ctx)?;
         response::set_rate_headers(upstream_response, ctx)?;

@@ -58,6 +58,7 @@ pub async fn respond(
         resp.insert_header(WWW_AUTHENTICATE, challenge)?;
     }
     super::response::set_rate_headers(&mut resp, ctx)?;
+    super::response::close_when_draining(session);
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only)

@@ -190,3 +190,12 @@ pub fn set_rate_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<(
     }
     Ok(())
 }
+
+/// A stopping process answers with `Connection: close` and closes the
+/// connection after the response, so the client's next request goes to a
+/// new connection (the new process, after an upgrade).
+pub fn close_when_draining(session: &mut Session) {
+    if crate::downstream::drain::draining() {
+        session.set_keepalive(None);
+    }
+}

@@ -450,6 +450,41 @@ impl Gateway {
         assert!(ok, "kill -{name} failed");
     }
 
+    /// A binary upgrade: starts a new process with `-u` on the same
+    /// config, waits until it listens on the upgrade socket, then sends
+    /// `SIGQUIT` to the running one. The new process becomes this gateway;
+    /// the old one is returned for the test to wait on.
+    pub fn upgrade(&mut self) -> Child {
+        use std::os::unix::fs::MetadataExt;
+        let sock = self.dir.join("upgrade.sock");
+        let before = std::fs::metadata(&sock).ok().map(|m| m.ino());
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("gateway.log"))
+            .expect("log file");
+        let child = Command::new(binary())
+            .arg("-u")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the new tollgate");
+        self.wait_until("the new process waits for the sockets", || {
+            std::fs::metadata(&sock)
+                .ok()
+                .map(|m| m.ino())
+                .is_some_and(|ino| Some(ino) != before)
+        });
+        self.signal("QUIT");
+        std::mem::replace(&mut self.child, child)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

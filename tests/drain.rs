@@ -1,0 +1,171 @@
+//! Graceful drain: a stopping process (binary upgrade or SIGTERM) moves
+//! its keepalive clients on without losing a request.
+
+mod support;
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::http::{read_body, read_head};
+use support::upstream::{Scripted, Upstream};
+use support::{Connection, Gateway};
+
+fn routes(addr: SocketAddr) -> String {
+    format!(
+        "upstreams:\n  app: {{ targets: [\"{addr}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n"
+    )
+}
+
+/// Waits (bounded) for a process to exit.
+fn exits(mut child: Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+#[test]
+fn a_request_in_flight_across_a_stop_is_answered_with_connection_close() {
+    let release = Arc::new(AtomicBool::new(false));
+    let released = Arc::clone(&release);
+    let slow = Scripted::start(move |_, _, _, w| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !released.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .is_ok()
+    });
+    let gw = Gateway::start_with_server("grace_period_seconds: 5", &routes(slow.addr));
+    let mut conn = Connection::open(gw.addr);
+    conn.send_raw(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
+    gw.wait_until("the upstream holds the request", || slow.hits() == 1);
+    gw.signal("TERM");
+    gw.wait_until("the drain starts", || gw.log().contains("draining"));
+    release.store(true, Ordering::SeqCst);
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(
+        conn.closed_by_server(),
+        "the connection stayed open after its close"
+    );
+}
+
+#[test]
+fn an_idle_connection_still_gets_the_request_it_sends_during_the_drain() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start_with_server(
+        "grace_period_seconds: 10\ndrain_idle_timeout: 5s",
+        &routes(up.addr),
+    );
+    let mut conn = Connection::open(gw.addr);
+    conn.send_raw(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(
+        conn.read_response().header("connection"),
+        Some("keep-alive")
+    );
+    gw.signal("TERM");
+    gw.wait_until("the drain starts", || gw.log().contains("draining"));
+    // Idle when the stop came: its next request is answered, then closed.
+    conn.send_raw(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(conn.closed_by_server());
+}
+
+/// One keepalive client: requests back to back until `stop`, opening a new
+/// connection when the server closes one. Counts answered requests and
+/// requests sent that got no answer.
+fn client(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicUsize>, lost: Arc<AtomicUsize>) {
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    for _ in 0..200_000 {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let (writer, reader) = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                let Ok(stream) = TcpStream::connect(addr) else {
+                    lost.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let reader = BufReader::new(stream.try_clone().expect("clone"));
+                conn.insert((stream, reader))
+            }
+        };
+        let answered = writer
+            .write_all(b"GET /load HTTP/1.1\r\nHost: h\r\n\r\n")
+            .ok()
+            .and_then(|()| read_head(reader).ok().flatten())
+            .and_then(|head| read_body(reader, &head, false).ok().map(|_| head));
+        match answered {
+            Some(head) => {
+                ok.fetch_add(1, Ordering::SeqCst);
+                if head.header("connection") == Some("close") {
+                    conn = None;
+                }
+            }
+            None => {
+                lost.fetch_add(1, Ordering::SeqCst);
+                conn = None;
+            }
+        }
+    }
+}
+
+#[test]
+fn keepalive_load_across_two_upgrades_loses_no_request() {
+    let up = Upstream::start("a");
+    let mut gw = Gateway::start_with_server("grace_period_seconds: 3", &routes(up.addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let lost = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (stop, ok, lost) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&lost));
+            let addr = gw.addr;
+            std::thread::spawn(move || client(addr, stop, ok, lost))
+        })
+        .collect();
+    gw.wait_until("load flows", || ok.load(Ordering::SeqCst) > 500);
+    let mut old_pids = Vec::new();
+    for round in 1..=2 {
+        let old_pid = gw.pid();
+        let old = gw.upgrade();
+        assert!(
+            exits(old, Duration::from_secs(20)),
+            "upgrade {round}: the old process did not exit"
+        );
+        old_pids.push(old_pid);
+        let before = ok.load(Ordering::SeqCst);
+        gw.wait_until("the new process serves", || {
+            ok.load(Ordering::SeqCst) > before + 200
+        });
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (ok, lost) = (ok.load(Ordering::SeqCst), lost.load(Ordering::SeqCst));
+    println!("across two upgrades: {ok} requests answered, {lost} lost");
+    assert!(!old_pids.contains(&gw.pid()));
+    assert_eq!(
+        lost,
+        0,
+        "requests lost across the upgrades; log:\n{}",
+        gw.log()
+    );
+}
