@@ -169,3 +169,37 @@ fn keepalive_load_across_two_upgrades_loses_no_request() {
         gw.log()
     );
 }
+
+#[test]
+fn a_request_in_flight_across_an_upgrade_is_answered_and_the_next_goes_to_the_new_process() {
+    let release = Arc::new(AtomicBool::new(false));
+    let released = Arc::clone(&release);
+    let slow = Scripted::start(move |head, _, _, w| {
+        if head.start_line.contains(" /slow ") {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !released.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .is_ok()
+    });
+    let mut gw = Gateway::start_with_server("grace_period_seconds: 5", &routes(slow.addr));
+    let mut conn = Connection::open(gw.addr);
+    conn.send_raw(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
+    gw.wait_until("the upstream holds the request", || slow.hits() == 1);
+    let old = gw.upgrade();
+    // The old process drains once Pingora's hand-off window has passed.
+    gw.wait_until("the old process drains", || gw.log().contains("draining"));
+    release.store(true, Ordering::SeqCst);
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(conn.closed_by_server());
+    assert!(
+        exits(old, Duration::from_secs(20)),
+        "the old process did not exit"
+    );
+    // Only the new process is left to answer a new connection.
+    assert_eq!(gw.get("h", "/next").status, 200);
+}
