@@ -104,6 +104,7 @@ impl AdminApp {
             "last_reload_error": status.last_reload_error,
             "open_circuits": open_circuits(&self.store.current()),
             "redis": self.store.current().redis.as_ref().map(|r| r.status()),
+            "access_log_dropped": crate::observe::access_log::dropped(),
         })
     }
 }

@@ -22,6 +22,7 @@ use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::limit::gcra::SweepService;
 use tollgate::limit::redis::ConnectService;
 use tollgate::memory::ReturnMemory;
+use tollgate::observe::access_log::ReopenService;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
 use tollgate::store::ConfigStore;
@@ -116,6 +117,7 @@ fn main() -> ExitCode {
         HealthService::new(Arc::clone(&store.pools().health)),
     ));
     server.add_service(background_service("drain", DrainService));
+    server.add_service(background_service("access log reopen", ReopenService));
     server.add_service(background_service(
         "redis connect",
         ConnectService::new(Arc::clone(&store.pools().redis)),

@@ -12,6 +12,7 @@ use crate::auth::jwt::{Provider, Verified};
 use crate::downstream::Limits;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::limit::redis::{Redis, RedisSettings};
+use crate::observe::access_log::{AccessLog, Destination};
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -46,6 +47,10 @@ pub struct Snapshot {
     pub jwt: Vec<Arc<Provider>>,
     /// The Redis of global rate limits, when configured.
     pub redis: Option<Arc<Redis>>,
+    /// The access log's sink; `None`: off.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Requests slower than this are logged as warnings.
+    pub slow_request_threshold: Option<std::time::Duration>,
 }
 
 impl Snapshot {
@@ -74,6 +79,8 @@ pub struct Pools {
     pub breakers: StatePool<BreakerSettings, Breaker>,
     /// The Redis connection of global rate limits.
     pub redis: Arc<StatePool<RedisSettings, Redis>>,
+    /// The access log's writer, by destination.
+    pub access_log: StatePool<(Destination, usize), AccessLog>,
 }
 
 /// What one compile drew from every pool.
@@ -87,6 +94,7 @@ pub struct Draws {
     pub client_inflight: Drawn<(), Inflight>,
     pub breakers: Drawn<BreakerSettings, Breaker>,
     pub redis: Drawn<RedisSettings, Redis>,
+    pub access_log: Drawn<(Destination, usize), AccessLog>,
 }
 
 impl Pools {
@@ -100,5 +108,6 @@ impl Pools {
         self.client_inflight.commit(draws.client_inflight);
         self.breakers.commit(draws.breakers);
         self.redis.commit(draws.redis);
+        self.access_log.commit(draws.access_log);
     }
 }

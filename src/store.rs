@@ -6,6 +6,7 @@
 use crate::config::file::ServerSection;
 use crate::config::{self, compile, ConfigError, ConfigErrors};
 use crate::downstream::SharedLimits;
+use crate::observe::access_log;
 use crate::snapshot::{Draws, Pools, Snapshot};
 use arc_swap::ArcSwap;
 use std::panic::AssertUnwindSafe;
@@ -43,6 +44,7 @@ impl ConfigStore {
         let pools = Pools::default();
         let loaded = load(path, None, &pools)?;
         pools.commit(loaded.draws);
+        access_log::install(loaded.snapshot.access_log.clone());
         Ok(ConfigStore {
             path: path.to_owned(),
             limits: Arc::new(SharedLimits::new(loaded.snapshot.limits)),
@@ -99,6 +101,7 @@ impl ConfigStore {
             );
         }
         self.limits.publish(new.limits);
+        access_log::install(new.access_log.clone());
         self.current.store(Arc::new(new));
         // Only now, with the new snapshot running, do the pools drop what
         // it no longer uses.

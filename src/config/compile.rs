@@ -7,8 +7,8 @@ use super::access::{
     compile_access, compile_api_keys, compile_cors, compile_jwt_providers, identity_headers,
     Authenticators,
 };
+use super::file::{AccessLogSpec, CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
-use super::file::{CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
 use super::limits::{
     ceiling, compile_consumer_rates, compile_rate_limit, compile_redis, compile_route_inflight,
@@ -18,6 +18,7 @@ use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
+use crate::observe::access_log::{AccessLog, Destination, QUEUE_LINES};
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
     RoutePolicy,
@@ -137,6 +138,11 @@ pub fn compile(
     let jwt = compile_jwt_providers(&file, base, pools, &mut draws, &mut errors);
     let consumer_rates = compile_consumer_rates(&file, &mut errors);
     let redis = compile_redis(&file, pools, &mut draws, &mut errors);
+    let access_log = compile_access_log(&file, base, pools, &mut draws, &mut errors);
+    let slow_request_threshold = file
+        .slow_request_threshold
+        .as_ref()
+        .and_then(|d| duration_at(&mut errors, "slow_request_threshold".into(), d));
     let auth = Authenticators {
         api_keys: compile_api_keys(&file, &mut errors),
         identity_headers: identity_headers(&jwt),
@@ -297,6 +303,8 @@ pub fn compile(
         readyz_requires,
         jwt: auth.jwt.values().cloned().collect(),
         redis,
+        access_log,
+        slow_request_threshold,
     };
     Ok(Compiled {
         snapshot,
@@ -745,6 +753,43 @@ fn compile_upstream(
     cluster.max_inflight = max_inflight;
     cluster.set_breakers(breakers);
     Some(Arc::new(cluster))
+}
+
+/// `access_log`: its writer, pooled by destination so a reload that keeps
+/// it keeps the thread and the open file.
+fn compile_access_log(
+    file: &FileConfig,
+    base: &Path,
+    pools: &Pools,
+    draws: &mut Draws,
+    errors: &mut Errors,
+) -> Option<Arc<AccessLog>> {
+    let settings = match file.access_log.as_ref()? {
+        AccessLogSpec::Word(w) if w == "off" => return None,
+        AccessLogSpec::Word(w) if w == "stdout" => (Destination::Stdout, QUEUE_LINES),
+        AccessLogSpec::Word(w) => {
+            errors.add(
+                "access_log",
+                format!("{w:?}: use off, stdout, or {{ path: FILE }}"),
+            );
+            return None;
+        }
+        AccessLogSpec::File { path, queue_lines } => {
+            let queue = queue_lines.unwrap_or(QUEUE_LINES);
+            if queue == 0 {
+                errors.add("access_log.queue_lines", "must be at least 1");
+                return None;
+            }
+            (Destination::File(base.join(path)), queue)
+        }
+    };
+    pools
+        .access_log
+        .draw(&mut draws.access_log, "access_log", &settings, || {
+            AccessLog::open(settings.0.clone(), settings.1)
+        })
+        .map_err(|e| errors.add("access_log", e))
+        .ok()
 }
 
 /// An upstream's breaker settings, defaults filled in.

@@ -25,6 +25,10 @@ pub struct FileConfig {
     pub trusted_proxies: Vec<String>,
     /// Where global rate limits are kept.
     pub redis: Option<RedisSpec>,
+    /// Where access log lines go; absent: off.
+    pub access_log: Option<AccessLogSpec>,
+    /// Requests slower than this get a warning in the error log.
+    pub slow_request_threshold: Option<DurationText>,
     /// Ordered by name so errors and `/readyz` come out in a stable order.
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: Vec<RouteSpec>,
@@ -291,6 +295,21 @@ pub struct RouteSpec {
     pub max_inflight: Option<usize>,
     /// Requests in progress per caller (keyed like `rate_limit`).
     pub max_inflight_per_client: Option<usize>,
+}
+
+/// `access_log`: `off`, `stdout`, or `{ path: FILE }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "off, stdout, or { path: /var/log/tollgate/access.log }"
+)]
+pub enum AccessLogSpec {
+    Word(String),
+    File {
+        path: String,
+        /// Lines queued for the writer before new ones are dropped.
+        queue_lines: Option<usize>,
+    },
 }
 
 /// The `redis:` section.

@@ -13,8 +13,8 @@ mod limits;
 pub mod values;
 
 use file::{
-    AdminSpec, AuthSpec, ConsumerSpec, FileConfig, LimitsSpec, RedisSpec, RouteSpec, ServerSection,
-    UpstreamSpec,
+    AccessLogSpec, AdminSpec, AuthSpec, ConsumerSpec, DurationText, FileConfig, LimitsSpec,
+    RedisSpec, RouteSpec, ServerSection, UpstreamSpec,
 };
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
@@ -67,7 +67,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 const TOP_LEVEL_KEYS: &str =
-    "server, listen, admin, limits, trust_request_id, trusted_proxies, redis, auth, consumers, upstreams, routes";
+    "server, listen, admin, limits, trust_request_id, trusted_proxies, redis, access_log, slow_request_threshold, auth, consumers, upstreams, routes";
 
 /// Reads the file's text into its typed form. Each section, each upstream and
 /// each route is deserialized on its own, so one mistake does not hide others.
@@ -141,6 +141,14 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
             }
             "trust_request_id" => {
                 config.trust_request_id = section::<bool>(&key, value, &mut errors);
+            }
+            "access_log" => {
+                config.access_log =
+                    section::<Option<AccessLogSpec>>(&key, value, &mut errors).flatten();
+            }
+            "slow_request_threshold" => {
+                config.slow_request_threshold =
+                    section::<Option<DurationText>>(&key, value, &mut errors).flatten();
             }
             "redis" => {
                 config.redis = section::<Option<RedisSpec>>(&key, value, &mut errors).flatten();

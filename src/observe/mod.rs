@@ -1,6 +1,7 @@
-//! What the gateway records about requests: request ids, and (for now, at
-//! debug level under `tollgate::access`) requests refused before routing.
+//! What the gateway records about requests: request ids and the access
+//! log, including requests refused before routing.
 
+pub mod access_log;
 pub mod request_id;
 
 use crate::error::GatewayError;
@@ -10,6 +11,16 @@ use std::net::SocketAddr;
 /// a slow client): attack traffic, which must stay visible. This is the
 /// hook the access log writes these requests through.
 pub fn rejected_before_routing(client: Option<SocketAddr>, error: GatewayError, request_id: &str) {
+    if access_log::enabled() {
+        let entry = access_log::Entry {
+            request_id,
+            client_ip: client.map(|c| c.ip()),
+            status: error.status(),
+            error: Some(error.code()),
+            ..access_log::Entry::default()
+        };
+        access_log::write(entry.line());
+    }
     log::debug!(
         target: "tollgate::access",
         "{} - - route= status={} id={request_id} error={}",

@@ -59,6 +59,9 @@ impl RequestCtx {
                 breaker: None,
             },
             timing: Timing {
+                start: None,
+                upstream_start: None,
+                upstream_latency: None,
                 deadline: None,
                 interim_deadline: None,
             },
@@ -126,6 +129,12 @@ pub struct Attempt {
 
 /// Deadlines that span attempts.
 pub struct Timing {
+    /// When the request began (its head was read), for the access log.
+    pub start: Option<Instant>,
+    /// When the current attempt's target was chosen.
+    pub upstream_start: Option<Instant>,
+    /// From choosing the target to the response head, last attempt.
+    pub upstream_latency: Option<std::time::Duration>,
     /// The route's `timeout`: when the response head must have come.
     pub deadline: Option<Instant>,
     /// When interim (1xx) responses stop counting as an answer: the

@@ -19,6 +19,7 @@ pub mod retry;
 
 use crate::auth::cors;
 use crate::error::GatewayError;
+use crate::observe::access_log;
 use crate::store::ConfigStore;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::Balance;
@@ -64,6 +65,7 @@ impl ProxyHttp for Gateway {
     /// 413) or lets the request go on.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Begin.
+        ctx.timing.start = Some(Instant::now());
         let snapshot = self.store.load();
         request::settle_request_id(&snapshot, session.req_header(), ctx);
         ctx.client.peer = request::peer_ip(session);
@@ -201,6 +203,7 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.attempt.target = Some((index, cluster.acquire(index)));
+        ctx.timing.upstream_start = Some(Instant::now());
         ctx.attempt.breaker = cluster.targets.get(index).and_then(|t| t.breaker.clone());
         Ok(peer)
     }
@@ -237,6 +240,7 @@ impl ProxyHttp for Gateway {
             return fail(GatewayError::Internal, "a response without a route");
         };
         let m_cluster = Arc::clone(&m.cluster);
+        ctx.timing.upstream_latency = ctx.timing.upstream_start.map(|t| t.elapsed());
         if let Some(breaker) = ctx.attempt.breaker.take() {
             let outcome = if upstream_response.status.is_server_error() {
                 Outcome::Error
@@ -355,22 +359,61 @@ impl ProxyHttp for Gateway {
     }
 
     /// Runs once per request, whatever happened.
+    /// The access log line and the slow-request warning.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.attempt.target = None;
-        if log::log_enabled!(target: "tollgate::access", log::Level::Debug) {
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            let route = ctx.matched.as_ref().map_or("-", |m| m.route.name.as_str());
-            log::debug!(
-                target: "tollgate::access",
-                "{} {} {} route={} status={} id={} error={}",
-                ctx.client.ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-                session.req_header().method,
-                session.req_header().uri,
-                route,
+        let upstream_addr = ctx.attempt.target.take().and_then(|(index, _)| {
+            let m = ctx.matched.as_ref()?;
+            m.cluster.targets.get(index).map(|t| t.addr)
+        });
+        let latency = ctx.timing.start.map(|t| t.elapsed()).unwrap_or_default();
+        let slow = self
+            .store
+            .load()
+            .slow_request_threshold
+            .is_some_and(|limit| latency > limit);
+        if !access_log::enabled() && !slow {
+            return;
+        }
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let error = ctx
+            .outcome
+            .or_else(|| e.and_then(classify))
+            .map(GatewayError::code);
+        let entry = access_log::Entry {
+            request_id: ctx.id.as_str(),
+            client_ip: ctx.client.ip,
+            method: req.method.as_str(),
+            host: req
+                .headers
+                .get(http::header::HOST)
+                .map_or(b"", |h| h.as_bytes()),
+            path: req.uri.path().as_bytes(),
+            status,
+            route: ctx.matched.as_ref().map_or("", |m| m.route.name.as_str()),
+            upstream: ctx.matched.as_ref().map_or("", |m| m.cluster.name.as_str()),
+            upstream_addr,
+            latency,
+            upstream_latency: ctx.timing.upstream_latency,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            consumer: ctx.client.identity.as_ref().map(|i| i.name()),
+            error,
+            retries: ctx.attempt.failures,
+        };
+        if slow {
+            log::warn!(
+                "slow request: {} ms, {} {} route {:?} status {} id {}",
+                latency.as_millis(),
+                entry.method,
+                String::from_utf8_lossy(entry.path),
+                entry.route,
                 status,
-                ctx.id.as_str(),
-                e.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+                entry.request_id
             );
+        }
+        if access_log::enabled() {
+            access_log::write(entry.line());
         }
     }
 

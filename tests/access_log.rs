@@ -1,0 +1,158 @@
+//! The access log over real traffic: JSON lines with the documented
+//! fields, refusals before routing, reopening on SIGUSR1, and a stalled
+//! sink that drops lines instead of holding requests.
+
+mod support;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use support::upstream::Upstream;
+use support::{request, scratch_dir, send_raw, Gateway};
+use tollgate::auth::api_key::digest_of;
+
+fn config(up: &Upstream, log: &Path, extra: &str) -> String {
+    format!(
+        "access_log: {{ path: \"{}\"{extra} }}\nauth:\n  api_keys: {{ header: X-API-Key }}\nconsumers:\n  alice: {{ api_keys: [\"{}\"] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: keyed, path_prefix: /keyed, upstream: app, auth: [api_key], rate_limit: {{ rate: 1/m, burst: 1 }} }}\n  - {{ name: open, path_prefix: /open, upstream: app }}\n",
+        log.display(),
+        digest_of("alice-key"),
+        up.addr
+    )
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn log_path(tag: &str) -> PathBuf {
+    scratch_dir(tag).join("access.log")
+}
+
+#[test]
+fn every_request_is_one_json_line_with_its_facts() {
+    let up = Upstream::start("a");
+    let log = log_path("access");
+    let gw = Gateway::start(&config(&up, &log, ""));
+    assert_eq!(gw.get("h", "/open/x?secret=1").status, 200);
+    let key = [("X-API-Key", "alice-key")];
+    assert_eq!(
+        request(gw.addr, "POST", "h", "/keyed/y", &key, b"abc").status,
+        200
+    );
+    assert_eq!(
+        request(gw.addr, "GET", "h", "/keyed/y", &key, b"").status,
+        429
+    );
+    assert_eq!(gw.get("h", "/keyed/z").status, 401);
+    assert_eq!(gw.get("h", "/nowhere").status, 404);
+    // Refused before routing: a malformed head.
+    assert_eq!(
+        send_raw(gw.addr, b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").status,
+        400
+    );
+    gw.wait_until("six lines", || lines(&log).len() >= 6);
+    let all = lines(&log);
+    assert_eq!(all.len(), 6);
+
+    let ok = &all[0];
+    for field in [
+        "ts",
+        "request_id",
+        "client_ip",
+        "method",
+        "host",
+        "path",
+        "status",
+        "route",
+        "upstream",
+        "upstream_addr",
+        "latency_ms",
+        "upstream_latency_ms",
+        "bytes_in",
+        "bytes_out",
+    ] {
+        assert!(ok.get(field).is_some(), "{field} missing in {ok}");
+    }
+    assert_eq!(ok["path"], "/open/x", "the query is not logged");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["route"], "open");
+    assert_eq!(ok["upstream"], "app");
+    assert_eq!(ok["upstream_addr"], up.addr.to_string());
+    assert_eq!(ok["client_ip"], "127.0.0.1");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["host"], "h");
+    assert!(ok["ts"].as_str().unwrap().ends_with('Z'));
+    assert!(ok["latency_ms"].as_f64().unwrap() >= ok["upstream_latency_ms"].as_f64().unwrap());
+    assert!(ok.get("error").is_none() && ok.get("consumer").is_none());
+
+    let posted = &all[1];
+    assert_eq!(posted["consumer"], "alice");
+    assert_eq!(posted["bytes_in"], 3);
+    assert_eq!(all[2]["error"], "rate_limited");
+    assert_eq!(all[2]["status"], 429);
+    assert_eq!(all[3]["error"], "unauthorized");
+    assert_eq!(all[4]["error"], "no_route");
+    assert_eq!(all[4]["route"], "");
+    let refused = &all[5];
+    assert_eq!(refused["status"], 400);
+    assert_eq!(refused["error"], "bad_request");
+    assert_eq!(refused["route"], "");
+    // Every line has its own request id, echoed to the client too.
+    let ids: std::collections::HashSet<&str> = all
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6);
+}
+
+#[test]
+fn sigusr1_reopens_the_file() {
+    let up = Upstream::start("a");
+    let log = log_path("rotate");
+    let gw = Gateway::start(&config(&up, &log, ""));
+    gw.get("h", "/open/1");
+    gw.wait_until("the first line", || lines(&log).len() == 1);
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal("USR1");
+    gw.wait_until("a new file", || {
+        gw.get("h", "/open/2");
+        !lines(&log).is_empty()
+    });
+    assert_eq!(lines(&rotated).len(), 1);
+    assert_eq!(lines(&log)[0]["path"], "/open/2");
+}
+
+#[test]
+fn a_stalled_sink_drops_lines_instead_of_holding_requests() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let up = Upstream::start("a");
+    let dir = scratch_dir("fifo");
+    let fifo = dir.join("access.pipe");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a plain mkfifo on a path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A reader that never reads: the pipe fills, the writer blocks.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let gw = Gateway::start(&config(&up, &fifo, ", queue_lines: 50"));
+    let mut conn = support::Connection::open(gw.addr);
+    for i in 0..1500 {
+        conn.send("GET", "h", &format!("/open/{i}"), &[], b"");
+        assert_eq!(conn.read_response().status, 200, "request {i}");
+    }
+    let dropped = gw.admin_get("/config").json()["access_log_dropped"]
+        .as_u64()
+        .unwrap();
+    println!("1500 requests, {dropped} lines dropped");
+    assert!(
+        dropped > 0,
+        "nothing was dropped: the requests must have waited"
+    );
+}
