@@ -36,6 +36,9 @@ pub enum Destination {
     File(PathBuf),
 }
 
+/// A writer's queue and output, before its thread takes them.
+type Writer = (Receiver<Vec<u8>>, Box<dyn Write + Send>);
+
 /// One running sink: the sending side of its writer's channel.
 pub struct AccessLog {
     pub destination: Destination,
@@ -43,7 +46,7 @@ pub struct AccessLog {
     /// The writer's end, until its thread starts with the first line: a
     /// thread started before Pingora daemonizes (forks) would not exist
     /// in the process that serves.
-    idle_writer: std::sync::Mutex<Option<(Receiver<Vec<u8>>, Box<dyn Write + Send>)>>,
+    idle_writer: std::sync::Mutex<Option<Writer>>,
     started: std::sync::Once,
 }
 
