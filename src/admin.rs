@@ -12,6 +12,7 @@
 //! Every answer carries `Content-Length`; `HEAD` gets the same head with
 //! no body.
 
+use crate::downstream::ConnectionGauge;
 use crate::store::ConfigStore;
 use crate::upstream::breaker::Phase;
 use async_trait::async_trait;
@@ -25,11 +26,62 @@ use std::time::Instant;
 /// Serves the admin endpoints.
 pub struct AdminApp {
     store: Arc<ConfigStore>,
+    connections: Option<Arc<ConnectionGauge>>,
 }
 
 impl AdminApp {
     pub fn new(store: Arc<ConfigStore>) -> Self {
-        AdminApp { store }
+        AdminApp {
+            store,
+            connections: None,
+        }
+    }
+
+    /// Reports the proxy's open client connections in `/metrics`.
+    pub fn with_connections(mut self, connections: Arc<ConnectionGauge>) -> Self {
+        self.connections = Some(connections);
+        self
+    }
+
+    /// The Prometheus text, with the state gauges read from the running
+    /// snapshot now.
+    fn metrics(&self) -> Vec<u8> {
+        if let Some(m) = crate::observe::metrics::metrics() {
+            let snapshot = self.store.current();
+            let now = Instant::now();
+            // Reset first: targets removed by a reload leave no series.
+            m.target_healthy.reset();
+            m.circuit_state.reset();
+            for c in &snapshot.clusters {
+                for (i, t) in c.targets.iter().enumerate() {
+                    let target = t.addr.to_string();
+                    let labels = [c.name.as_str(), target.as_str()];
+                    m.target_healthy
+                        .with_label_values(&labels)
+                        .set(i64::from(c.is_ready(i)));
+                    if let Some(b) = &t.breaker {
+                        let state = match b.phase(now) {
+                            Phase::Closed => 0,
+                            Phase::Open { .. } => 1,
+                            Phase::HalfOpen { .. } => 2,
+                        };
+                        m.circuit_state.with_label_values(&labels).set(state);
+                    }
+                }
+            }
+            if let Some(connections) = &self.connections {
+                m.connections
+                    .set(i64::try_from(connections.current()).unwrap_or(i64::MAX));
+            }
+            // Counters kept elsewhere are brought up to date.
+            let redis_errors = snapshot
+                .redis
+                .as_ref()
+                .map_or(0, |r| r.errors.load(std::sync::atomic::Ordering::Relaxed));
+            catch_up(&m.redis_errors, redis_errors);
+            catch_up(&m.access_log_dropped, crate::observe::access_log::dropped());
+        }
+        crate::observe::metrics::render()
     }
 
     fn readiness(&self) -> (StatusCode, Value) {
@@ -109,6 +161,15 @@ impl AdminApp {
     }
 }
 
+/// Raises a counter to a total counted elsewhere (never lowers it: a
+/// source replaced by a reload starts again from zero).
+fn catch_up(counter: &prometheus::IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
+
 /// Targets whose breaker is not closed, as `upstream/address`.
 fn open_circuits(snapshot: &crate::snapshot::Snapshot) -> Vec<String> {
     let now = Instant::now();
@@ -169,9 +230,25 @@ impl ServeHttp for AdminApp {
             "/upstreams" => json_response(StatusCode::OK, &self.upstreams()),
             "/config" => json_response(StatusCode::OK, &self.config_status()),
             "/auth" => json_response(StatusCode::OK, &self.auth()),
+            "/metrics" => {
+                let body = self.metrics();
+                let len = body.len();
+                let mut response = Response::new(body);
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                headers.insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+                response
+            }
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth" } }),
+                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth, /metrics" } }),
             ),
         }
     }

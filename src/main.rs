@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     if let Some(admin) = snapshot.admin {
         let mut service = Service::new(
             "tollgate admin".to_owned(),
-            AdminApp::new(Arc::clone(&store)),
+            AdminApp::new(Arc::clone(&store)).with_connections(Arc::clone(&connections)),
         );
         service.add_tcp(&admin.to_string());
         server.add_service(service);

@@ -90,6 +90,7 @@ impl ConfigStore {
             Ok(loaded) => loaded,
             Err(e) => {
                 status.last_reload_error = Some(e.to_string());
+                count_reload("error");
                 return Err(e);
             }
         };
@@ -108,6 +109,7 @@ impl ConfigStore {
         self.pools.commit(loaded.draws);
         status.generation += 1;
         status.last_reload_error = None;
+        count_reload("ok");
         Ok(())
     }
 
@@ -186,5 +188,11 @@ fn load(path: &Path, previous: Option<&Snapshot>, pools: &Pools) -> Result<Loade
                 format!("internal error while compiling {}: {what}", path.display()),
             )]))
         }
+    }
+}
+
+fn count_reload(result: &str) {
+    if let Some(m) = crate::observe::metrics::metrics() {
+        m.config_reloads.with_label_values(&[result]).inc();
     }
 }

@@ -32,6 +32,26 @@ use std::sync::Arc;
 pub const INVALID_CREDENTIALS: &str = "the credentials are not valid";
 pub const MISSING_CREDENTIALS: &str = "this route needs credentials";
 
+const FORBIDDEN_ADDRESS: &str = "the client address may not use this route";
+const FORBIDDEN_GROUP: &str = "the caller is not in a group this route allows";
+const FORBIDDEN_SCOPE: &str = "the caller lacks a scope this route requires";
+
+/// The `reason` label of `tollgate_auth_failures_total` for a refusal.
+pub fn failure_reason(error: GatewayError) -> Option<&'static str> {
+    match error {
+        GatewayError::Unauthorized(why) if why == MISSING_CREDENTIALS => {
+            Some("missing_credentials")
+        }
+        GatewayError::Unauthorized(why) if why == INVALID_CREDENTIALS => Some("invalid_api_key"),
+        GatewayError::Unauthorized(why) => Some(jwt::Refusal::reason_of(why)),
+        GatewayError::Forbidden(why) if why == FORBIDDEN_ADDRESS => Some("ip_denied"),
+        GatewayError::Forbidden(why) if why == FORBIDDEN_GROUP => Some("group"),
+        GatewayError::Forbidden(why) if why == FORBIDDEN_SCOPE => Some("scope"),
+        GatewayError::Forbidden(_) => Some("forbidden"),
+        _ => None,
+    }
+}
+
 /// One way a route accepts to identify a caller.
 #[derive(Debug, Clone)]
 pub enum Method {
@@ -127,9 +147,7 @@ impl AccessPolicy {
         client: Option<IpAddr>,
     ) -> Result<Option<Identity>, GatewayError> {
         if !self.ip.permits(client) {
-            return Err(GatewayError::Forbidden(
-                "the client address may not use this route",
-            ));
+            return Err(GatewayError::Forbidden(FORBIDDEN_ADDRESS));
         }
         if self.methods.is_empty() {
             return Ok(None);
@@ -171,9 +189,7 @@ impl AccessPolicy {
             .iter()
             .all(|s| identity.scopes().contains(s))
         {
-            return Err(GatewayError::Forbidden(
-                "the caller lacks a scope this route requires",
-            ));
+            return Err(GatewayError::Forbidden(FORBIDDEN_SCOPE));
         }
         if !self.allow_groups.is_empty()
             && !identity
@@ -181,9 +197,7 @@ impl AccessPolicy {
                 .iter()
                 .any(|g| self.allow_groups.contains(g))
         {
-            return Err(GatewayError::Forbidden(
-                "the caller is not in a group this route allows",
-            ));
+            return Err(GatewayError::Forbidden(FORBIDDEN_GROUP));
         }
         Ok(Some(identity))
     }

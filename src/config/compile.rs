@@ -19,6 +19,7 @@ use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
 use crate::observe::access_log::{AccessLog, Destination, QUEUE_LINES};
+use crate::observe::metrics::RouteMetrics;
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
     RoutePolicy,
@@ -270,6 +271,7 @@ pub fn compile(
                 max_inflight,
                 per_client,
             },
+            metrics: RouteMetrics::new(&spec.name),
             name: spec.name.clone(),
             upstream,
             strip_prefix: match (&keys.path, spec.strip_prefix) {

@@ -2,6 +2,7 @@
 //! log, including requests refused before routing.
 
 pub mod access_log;
+pub mod metrics;
 pub mod request_id;
 
 use crate::error::GatewayError;
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 /// a slow client): attack traffic, which must stay visible. This is the
 /// hook the access log writes these requests through.
 pub fn rejected_before_routing(client: Option<SocketAddr>, error: GatewayError, request_id: &str) {
+    metrics::answered_unrouted(error.status());
     if access_log::enabled() {
         let entry = access_log::Entry {
             request_id,

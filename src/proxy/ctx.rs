@@ -27,6 +27,8 @@ pub struct RequestCtx {
     pub rate: Option<Verdict>,
     /// Places held under in-flight limits until the request ends.
     pub slots: Slots,
+    /// Counts the request in `tollgate_inflight_requests` while it lives.
+    pub in_progress: Option<crate::observe::metrics::InFlightRequest>,
 }
 
 /// A request's places under `max_inflight` limits, given back as the
@@ -68,6 +70,7 @@ impl RequestCtx {
             outcome: None,
             rate: None,
             slots: Slots::default(),
+            in_progress: None,
         }
     }
 }

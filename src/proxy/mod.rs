@@ -20,6 +20,7 @@ pub mod retry;
 use crate::auth::cors;
 use crate::error::GatewayError;
 use crate::observe::access_log;
+use crate::observe::metrics::{self, InFlightRequest};
 use crate::store::ConfigStore;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::Balance;
@@ -66,6 +67,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Begin.
         ctx.timing.start = Some(Instant::now());
+        ctx.in_progress = InFlightRequest::start();
         let snapshot = self.store.load();
         request::settle_request_id(&snapshot, session.req_header(), ctx);
         ctx.client.peer = request::peer_ip(session);
@@ -366,6 +368,26 @@ impl ProxyHttp for Gateway {
             m.cluster.targets.get(index).map(|t| t.addr)
         });
         let latency = ctx.timing.start.map(|t| t.elapsed()).unwrap_or_default();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let outcome = ctx.outcome.or_else(|| e.and_then(classify));
+        match &ctx.matched {
+            Some(m) => {
+                m.route.metrics.answered(status, latency.as_secs_f64());
+                if let Some(upstream) = ctx.timing.upstream_latency {
+                    m.cluster.metrics.answered(upstream.as_secs_f64());
+                }
+                match outcome {
+                    Some(GatewayError::RateLimited) => m.route.metrics.rate_limited(),
+                    Some(e) => {
+                        if let Some(reason) = crate::auth::failure_reason(e) {
+                            m.route.metrics.auth_failure(reason);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            None => metrics::answered_unrouted(status),
+        }
         let slow = self
             .store
             .load()
@@ -375,11 +397,7 @@ impl ProxyHttp for Gateway {
             return;
         }
         let req = session.req_header();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let error = ctx
-            .outcome
-            .or_else(|| e.and_then(classify))
-            .map(GatewayError::code);
+        let error = outcome.map(GatewayError::code);
         let entry = access_log::Entry {
             request_id: ctx.id.as_str(),
             client_ip: ctx.client.ip,

@@ -30,6 +30,8 @@ pub struct Route {
     /// What the route demands of a request, resolved when the config
     /// compiled.
     pub policy: RoutePolicy,
+    /// The route's metric handles, resolved once.
+    pub metrics: crate::observe::metrics::RouteMetrics,
 }
 
 /// A route's per-request policy, compiled once: the request path only
@@ -228,6 +230,7 @@ mod tests {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             policy: RoutePolicy::default(),
+            metrics: crate::observe::metrics::RouteMetrics::new("r"),
         };
         assert_eq!(route.upstream_path("/api/users/7"), "/7");
         assert_eq!(route.upstream_path("/api/users"), "/");

@@ -133,6 +133,8 @@ pub struct Cluster {
     pub max_inflight: Option<crate::limit::inflight::Ceiling>,
     /// Whether the targets have circuit breakers.
     has_breakers: bool,
+    /// The upstream's metric handles.
+    pub metrics: crate::observe::metrics::UpstreamMetrics,
     selector: Selector,
 }
 
@@ -199,6 +201,7 @@ impl Cluster {
             },
         };
         Cluster {
+            metrics: crate::observe::metrics::UpstreamMetrics::new(&name),
             name,
             balance,
             targets,

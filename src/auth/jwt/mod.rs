@@ -82,6 +82,28 @@ impl Refusal {
         }
     }
 
+    /// The label of the refusal whose message is `message` ("invalid"
+    /// for one that is no token refusal's).
+    pub fn reason_of(message: &str) -> &'static str {
+        const ALL: [Refusal; 12] = [
+            Refusal::TooLarge,
+            Refusal::Malformed,
+            Refusal::Critical,
+            Refusal::UnknownKey,
+            Refusal::WrongAlgorithm,
+            Refusal::BadSignature,
+            Refusal::Expired,
+            Refusal::NotYetValid,
+            Refusal::MissingClaim,
+            Refusal::BadClaim,
+            Refusal::Issuer,
+            Refusal::Audience,
+        ];
+        ALL.iter()
+            .find(|r| r.message() == message)
+            .map_or("invalid", |r| r.reason())
+    }
+
     /// A short label, for logs and metrics.
     pub fn reason(self) -> &'static str {
         match self {
