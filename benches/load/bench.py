@@ -279,7 +279,8 @@ def auth_headers(auth: Optional[str]) -> list:
     return []
 
 
-def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: Optional[str] = None) -> Path:
+def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: Optional[str] = None,
+                    access_log: bool = False) -> Path:
     d = RAW / name
     d.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -300,6 +301,10 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: O
     # behind a JWT provider (the load generators then send auth_headers):
     # the cost of authentication.
     auth = auth or os.environ.get("BENCH_AUTH")
+    limit = limit or os.environ.get("BENCH_LIMIT")
+    # access_log (or BENCH_ACCESS_LOG=1): the access log to a file.
+    if access_log or os.environ.get("BENCH_ACCESS_LOG") == "1":
+        lines[lines.index("upstreams:"):lines.index("upstreams:")] = [f'access_log: {{ path: "{d}/access.log" }}']
     if routes == 1 and auth == "api_key":
         digest = hashlib.sha256(BENCH_API_KEY.encode()).hexdigest()
         lines[lines.index("upstreams:"):lines.index("upstreams:")] = [
@@ -347,9 +352,9 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: O
 
 
 def start_tollgate(name: str, routes: int, binary: str = "", auth: Optional[str] = None,
-                   limit: Optional[str] = None) -> Callable[[], Proc]:
+                   limit: Optional[str] = None, access_log: bool = False) -> Callable[[], Proc]:
     def start() -> Proc:
-        conf = tollgate_config(name, routes, auth, limit)
+        conf = tollgate_config(name, routes, auth, limit, access_log)
         exe = binary or str(ROOT / "target/release/tollgate")
         return Proc(name, [exe, "-c", str(conf)], env={"RUST_LOG": "warn"})
     return start
@@ -388,8 +393,10 @@ SCENARIOS = [
     Scenario("direct upstream", None),
     Scenario("tollgate pass-through", start_tollgate("tollgate", 1), memory=True),
     Scenario("tollgate 1000 routes", start_tollgate("tollgate-1000", 1000), path="/api/r999/bench"),
-    # JWT (HS256, cached) and a local rate limit keyed by its subject.
-    Scenario("tollgate full chain", start_tollgate("tollgate-chain", 1, auth="jwt", limit="local"),
+    # JWT (HS256, cached), a local rate limit keyed by its subject, the
+    # access log to a file; metrics are always on.
+    Scenario("tollgate full chain",
+             start_tollgate("tollgate-chain", 1, auth="jwt", limit="local", access_log=True),
              headers=auth_headers("jwt")),
     Scenario("bare Pingora", start_bare_pingora, memory=True),
     Scenario("nginx", start_nginx_proxy, memory=True),

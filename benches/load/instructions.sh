@@ -15,6 +15,8 @@
 #   BENCH_LIMIT=local benches/load/instructions.sh tollgate  (a local rate limit that never trips)
 #   BENCH_BREAKER=1 benches/load/instructions.sh tollgate    (a circuit breaker on the upstream)
 #   BENCH_LIMIT=global benches/load/instructions.sh tollgate (a Redis rate limit; starts redis-server)
+#   BENCH_ACCESS_LOG=1 benches/load/instructions.sh tollgate (the access log to a file)
+#   BENCH_AUTH=jwt BENCH_LIMIT=local BENCH_ACCESS_LOG=1 ... (the full chain)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw

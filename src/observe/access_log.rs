@@ -20,7 +20,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const QUEUE_LINES: usize = 65_536;
 /// The most a writer gathers into one write.
 const BATCH_BYTES: usize = 256 * 1024;
+/// How often the writer wakes to write what was queued. It never blocks
+/// on the queue, so a request queuing a line never has a sleeping writer
+/// to wake (a futex call per request, when it did).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Where lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,16 +144,23 @@ fn open(destination: &Destination) -> Result<Box<dyn Write + Send>, String> {
 fn writer(rx: Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>, destination: Destination) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut failing = false;
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => batch.extend_from_slice(&line),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        while batch.len() < BATCH_BYTES {
+    let mut open_sink = true;
+    while open_sink {
+        std::thread::sleep(FLUSH_INTERVAL);
+        loop {
             match rx.try_recv() {
-                Ok(line) => batch.extend_from_slice(&line),
-                Err(_) => break,
+                Ok(line) => {
+                    batch.extend_from_slice(&line);
+                    if batch.len() >= BATCH_BYTES {
+                        flush(&mut out, &mut batch, &mut failing);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                // Every sender is gone: write what is left, then stop.
+                Err(TryRecvError::Disconnected) => {
+                    open_sink = false;
+                    break;
+                }
             }
         }
         if REOPEN.swap(false, Ordering::Relaxed) {
@@ -162,25 +173,29 @@ fn writer(rx: Receiver<Vec<u8>>, mut out: Box<dyn Write + Send>, destination: De
                 Err(e) => log::error!("access log: {e}; still writing to the old file"),
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let result = out.write_all(&batch).and_then(|()| out.flush());
-        match result {
-            Ok(()) if failing => {
-                failing = false;
-                log::warn!("access log writable again");
-            }
-            Ok(()) => {}
-            // Once per incident; the lines of a failed write are lost.
-            Err(e) if !failing => {
-                failing = true;
-                log::error!("access log write failed: {e}");
-            }
-            Err(_) => {}
-        }
-        batch.clear();
+        flush(&mut out, &mut batch, &mut failing);
     }
+}
+
+/// Writes a batch; a failure is logged once per incident and its lines
+/// are lost.
+fn flush(out: &mut Box<dyn Write + Send>, batch: &mut Vec<u8>, failing: &mut bool) {
+    if batch.is_empty() {
+        return;
+    }
+    match out.write_all(batch).and_then(|()| out.flush()) {
+        Ok(()) if *failing => {
+            *failing = false;
+            log::warn!("access log writable again");
+        }
+        Ok(()) => {}
+        Err(e) if !*failing => {
+            *failing = true;
+            log::error!("access log write failed: {e}");
+        }
+        Err(_) => {}
+    }
+    batch.clear();
 }
 
 /// Reopens the file on `SIGUSR1` (after logrotate moved it).
@@ -239,7 +254,7 @@ impl Entry<'_> {
         match self.client_ip {
             Some(ip) => {
                 out.push(b'"');
-                let _ = write!(out, "{ip}");
+                super::push_ip(&mut out, ip);
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),
@@ -258,6 +273,13 @@ impl Entry<'_> {
         string(&mut out, self.upstream.as_bytes());
         out.extend_from_slice(b",\"upstream_addr\":");
         match self.upstream_addr {
+            Some(std::net::SocketAddr::V4(addr)) => {
+                out.push(b'"');
+                super::push_ip(&mut out, IpAddr::V4(*addr.ip()));
+                out.push(b':');
+                number(&mut out, u64::from(addr.port()));
+                out.push(b'"');
+            }
             Some(addr) => {
                 out.push(b'"');
                 let _ = write!(out, "{addr}");
@@ -314,6 +336,15 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 /// become U+FFFD; control characters are escaped.
 fn string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
+    // Nearly always plain printable ASCII: copied as it is.
+    if bytes
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let text = String::from_utf8_lossy(bytes);
     for &b in text.as_bytes() {
         match b {
