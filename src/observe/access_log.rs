@@ -332,15 +332,23 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
+/// Bytes a JSON string holds as they are: printable ASCII but `"` and `\`.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        table[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    table
+};
+
 /// A JSON string. Bytes that are not UTF-8 (a client's path may hold any)
 /// become U+FFFD; control characters are escaped.
 fn string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
     // Nearly always plain printable ASCII: copied as it is.
-    if bytes
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if bytes.iter().all(|&b| PLAIN[usize::from(b)]) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
