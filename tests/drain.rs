@@ -3,15 +3,14 @@
 
 mod support;
 
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::http::{read_body, read_head};
 use support::upstream::{Scripted, Upstream};
-use support::{Connection, Gateway};
+use support::{load, Connection, Gateway};
 
 fn routes(addr: SocketAddr) -> String {
     format!(
@@ -84,63 +83,14 @@ fn an_idle_connection_still_gets_the_request_it_sends_during_the_drain() {
     assert!(conn.closed_by_server());
 }
 
-/// One keepalive client: requests back to back until `stop`, opening a new
-/// connection when the server closes one. Counts answered requests and
-/// requests sent that got no answer.
-fn client(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicUsize>, lost: Arc<AtomicUsize>) {
-    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
-    for _ in 0..200_000 {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let (writer, reader) = match conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let Ok(stream) = TcpStream::connect(addr) else {
-                    lost.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let reader = BufReader::new(stream.try_clone().expect("clone"));
-                conn.insert((stream, reader))
-            }
-        };
-        let answered = writer
-            .write_all(b"GET /load HTTP/1.1\r\nHost: h\r\n\r\n")
-            .ok()
-            .and_then(|()| read_head(reader).ok().flatten())
-            .and_then(|head| read_body(reader, &head, false).ok().map(|_| head));
-        match answered {
-            Some(head) => {
-                ok.fetch_add(1, Ordering::SeqCst);
-                if head.header("connection") == Some("close") {
-                    conn = None;
-                }
-            }
-            None => {
-                lost.fetch_add(1, Ordering::SeqCst);
-                conn = None;
-            }
-        }
-    }
-}
-
 #[test]
 fn keepalive_load_across_two_upgrades_loses_no_request() {
     let up = Upstream::start("a");
     let mut gw = Gateway::start_with_server("grace_period_seconds: 3", &routes(up.addr));
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let lost = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let (stop, ok, lost) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&lost));
-            let addr = gw.addr;
-            std::thread::spawn(move || client(addr, stop, ok, lost))
-        })
-        .collect();
-    gw.wait_until("load flows", || ok.load(Ordering::SeqCst) > 500);
+    let tally = Arc::new(load::Tally::default());
+    let clients = load::start(gw.addr, 32, true, &stop, &tally);
+    gw.wait_until("load flows", || tally.ok() > 500);
     let mut old_pids = Vec::new();
     for round in 1..=2 {
         let old_pid = gw.pid();
@@ -150,16 +100,14 @@ fn keepalive_load_across_two_upgrades_loses_no_request() {
             "upgrade {round}: the old process did not exit"
         );
         old_pids.push(old_pid);
-        let before = ok.load(Ordering::SeqCst);
-        gw.wait_until("the new process serves", || {
-            ok.load(Ordering::SeqCst) > before + 200
-        });
+        let before = tally.ok();
+        gw.wait_until("the new process serves", || tally.ok() > before + 200);
     }
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.join().unwrap();
     }
-    let (ok, lost) = (ok.load(Ordering::SeqCst), lost.load(Ordering::SeqCst));
+    let (ok, lost) = (tally.ok(), tally.lost());
     println!("across two upgrades: {ok} requests answered, {lost} lost");
     assert!(!old_pids.contains(&gw.pid()));
     assert_eq!(

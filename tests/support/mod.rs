@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod load;
 pub mod upstream;
 
 use http::{buffered, read_body, read_head, Head};
