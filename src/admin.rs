@@ -230,6 +230,10 @@ impl ServeHttp for AdminApp {
             "/upstreams" => json_response(StatusCode::OK, &self.upstreams()),
             "/config" => json_response(StatusCode::OK, &self.config_status()),
             "/auth" => json_response(StatusCode::OK, &self.auth()),
+            "/routes" => json_response(
+                StatusCode::OK,
+                &crate::explain::route_table(&self.store.current()),
+            ),
             "/metrics" => {
                 let body = self.metrics();
                 let len = body.len();
@@ -248,7 +252,7 @@ impl ServeHttp for AdminApp {
             }
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth, /metrics" } }),
+                &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth, /metrics, /routes" } }),
             ),
         }
     }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod explain;
 pub mod limit;
 pub mod memory;
 pub mod observe;

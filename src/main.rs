@@ -62,6 +62,11 @@ fn main() -> ExitCode {
     ignore_hangups_until_ready();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
+    // `tollgate explain ...` is tollgate's own command, not Pingora's.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("explain") {
+        return tollgate::explain::run(&args[2..], DEFAULT_CONFIG);
+    }
     let mut opt = Opt::parse_args();
     // `-c` names tollgate's file; Pingora must not read it as its own.
     let path = PathBuf::from(opt.conf.take().unwrap_or_else(|| DEFAULT_CONFIG.to_owned()));

@@ -18,6 +18,7 @@ use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::Limits;
+use crate::explain::RoutePattern;
 use crate::observe::access_log::{AccessLog, Destination, QUEUE_LINES};
 use crate::observe::metrics::RouteMetrics;
 use crate::router::{
@@ -272,6 +273,11 @@ pub fn compile(
                 per_client,
             },
             metrics: RouteMetrics::new(&spec.name),
+            pattern: RoutePattern {
+                hosts: keys.hosts.clone(),
+                path: keys.path.clone(),
+                methods: keys.methods.clone(),
+            },
             name: spec.name.clone(),
             upstream,
             strip_prefix: match (&keys.path, spec.strip_prefix) {

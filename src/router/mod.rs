@@ -32,6 +32,8 @@ pub struct Route {
     pub policy: RoutePolicy,
     /// The route's metric handles, resolved once.
     pub metrics: crate::observe::metrics::RouteMetrics,
+    /// Its host, path and method keys, for `explain` and `GET /routes`.
+    pub pattern: crate::explain::RoutePattern,
 }
 
 /// A route's per-request policy, compiled once: the request path only
@@ -231,6 +233,11 @@ mod tests {
             response_headers: HeaderOps::default(),
             policy: RoutePolicy::default(),
             metrics: crate::observe::metrics::RouteMetrics::new("r"),
+            pattern: crate::explain::RoutePattern {
+                hosts: vec![HostPattern::Any],
+                path: PathPattern::Prefix("/api/users".into()),
+                methods: None,
+            },
         };
         assert_eq!(route.upstream_path("/api/users/7"), "/7");
         assert_eq!(route.upstream_path("/api/users"), "/");
