@@ -104,7 +104,7 @@ pub fn compile(
     let admin = file
         .admin
         .as_ref()
-        .and_then(|a| match parse_listen_address(a.address()) {
+        .and_then(|a| match parse_admin_address(a.address()) {
             Ok(addr) if listen.contains(&addr) => {
                 errors.add("admin", format!("{addr} is also a data listener"));
                 None
@@ -763,6 +763,18 @@ fn compile_upstream(
     Some(Arc::new(cluster))
 }
 
+/// The admin listener's address. A bare port (`:9901`) binds the loopback
+/// address: the admin endpoints are for the node's operators, not the
+/// network.
+fn parse_admin_address(text: &str) -> Result<SocketAddr, String> {
+    match text.strip_prefix(':') {
+        Some(port) if port.parse::<u16>().is_ok() => {
+            parse_listen_address(&format!("127.0.0.1:{port}"))
+        }
+        _ => parse_listen_address(text).map_err(|e| format!("{e} (or :PORT for 127.0.0.1:PORT)")),
+    }
+}
+
 /// `access_log`: its writer, pooled by destination so a reload that keeps
 /// it keeps the thread and the open file.
 fn compile_access_log(
@@ -1194,5 +1206,24 @@ routes:
         let snapshot = compile_text(&text).unwrap();
         assert_eq!(snapshot.routes[0].strip_prefix, Some(4));
         assert_eq!(snapshot.clusters.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod admin_address_tests {
+    use super::parse_admin_address;
+
+    #[test]
+    fn a_bare_port_binds_the_loopback_address() {
+        assert_eq!(
+            parse_admin_address(":9901").unwrap().to_string(),
+            "127.0.0.1:9901"
+        );
+        assert_eq!(
+            parse_admin_address("0.0.0.0:9901").unwrap().to_string(),
+            "0.0.0.0:9901"
+        );
+        assert!(parse_admin_address(":http").is_err());
+        assert!(parse_admin_address("9901").is_err());
     }
 }
