@@ -10,6 +10,7 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v curl >/dev/null 2>&1 || need+=(curl)     # make run's hint, the docs' examples
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)   # global rate limit tests start their own
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # the unit file's test runs systemd-analyze verify
 command -v openssl >/dev/null 2>&1 || need+=(openssl)   # the JWT tests make their RSA, EC and Ed25519 keys with it
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -196,6 +196,10 @@ fn server_conf(s: &ServerSection) -> ServerConf {
             .unwrap_or_else(|| format!("{RUN_DIR}/upgrade.sock")),
         error_log: s.error_log.clone(),
         daemon: s.daemon.unwrap_or(false),
+        // With `-d`, the starting process exits only once the daemon is
+        // serving, so systemd (Type=forking) knows when a start or an
+        // upgrade is done.
+        daemon_wait_for_ready: s.daemon_wait_for_ready.unwrap_or(true),
         user: s.user.clone(),
         group: s.group.clone(),
         work_stealing: s.work_stealing.unwrap_or(defaults.work_stealing),

@@ -336,3 +336,42 @@ fn admin_answers_carry_a_length_and_head_works() {
     assert_eq!(resp.status, 405);
     assert_eq!(resp.header("allow"), Some("GET, HEAD"));
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    // The unit names the installed binary; verify a copy naming this one.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/tollgate.service"
+    ))
+    .expect("systemd/tollgate.service");
+    let dir = support::scratch_dir("unit");
+    let copy = dir.join("tollgate.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/tollgate", &support::binary()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze (scripts/install-deps.sh installs systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // verify exits 0 on unknown keys and bad values too, with a warning:
+    // any output is a defect.
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+    for directive in [
+        "Type=forking",
+        "ExecReload=/bin/kill -QUIT $MAINPID",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RuntimeDirectory=tollgate",
+    ] {
+        assert!(unit.contains(directive), "{directive} missing");
+    }
+}

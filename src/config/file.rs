@@ -47,6 +47,9 @@ pub struct ServerSection {
     pub upgrade_sock: Option<String>,
     pub error_log: Option<String>,
     pub daemon: Option<bool>,
+    /// With `daemon`, whether the starting process waits until the daemon
+    /// serves; default true.
+    pub daemon_wait_for_ready: Option<bool>,
     pub user: Option<String>,
     pub group: Option<String>,
     pub work_stealing: Option<bool>,
