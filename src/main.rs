@@ -121,7 +121,10 @@ fn main() -> ExitCode {
         "health checks",
         HealthService::new(Arc::clone(&store.pools().health)),
     ));
-    server.add_service(background_service("drain", DrainService));
+    server.add_service(background_service(
+        "drain",
+        DrainService::new(Arc::clone(&connections)),
+    ));
     server.add_service(background_service("access log reopen", ReopenService));
     server.add_service(background_service(
         "redis connect",

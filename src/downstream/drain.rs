@@ -13,10 +13,12 @@
 //! The flag is process-wide: one server runs per process, and the proxy's
 //! response phase, which has no shutdown channel of its own, reads it.
 
+use super::ConnectionGauge;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Idle time a connection is given once the stop is announced.
@@ -36,8 +38,21 @@ pub fn start_draining() {
     }
 }
 
-/// Sets the flag the moment Pingora announces the stop.
-pub struct DrainService;
+/// Sets the flag the moment Pingora announces the stop, then ends the
+/// process as soon as no client connection is left: Pingora itself would
+/// sleep out the whole grace period even with nothing to drain.
+pub struct DrainService {
+    connections: Arc<ConnectionGauge>,
+}
+
+impl DrainService {
+    pub fn new(connections: Arc<ConnectionGauge>) -> Self {
+        DrainService { connections }
+    }
+}
+
+/// How often a stopping process looks for connections left.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
 
 #[async_trait]
 impl BackgroundService for DrainService {
@@ -45,5 +60,17 @@ impl BackgroundService for DrainService {
         // A dropped sender is a stop too.
         let _ = shutdown.wait_for(|stopping| *stopping).await;
         start_draining();
+        // Bounded by the grace period: Pingora stops this runtime then.
+        loop {
+            if self.connections.current() == 0 {
+                log::info!(
+                    "drained: no client connection left, exiting before the grace period ends"
+                );
+                // The access log writer writes what is queued every 20 ms.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::process::exit(0);
+            }
+            tokio::time::sleep(IDLE_CHECK).await;
+        }
     }
 }
