@@ -187,14 +187,18 @@ fn open_circuits(snapshot: &crate::snapshot::Snapshot) -> Vec<String> {
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
-    let body = body.to_string().into_bytes();
+    response(status, "application/json", body.to_string().into_bytes())
+}
+
+/// Every admin answer: its type, never cached, with its length.
+fn response(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Vec<u8>> {
     let len = body.len();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(content_type),
     );
     headers.insert(
         http::header::CACHE_CONTROL,
@@ -234,22 +238,7 @@ impl ServeHttp for AdminApp {
                 StatusCode::OK,
                 &crate::explain::route_table(&self.store.current()),
             ),
-            "/metrics" => {
-                let body = self.metrics();
-                let len = body.len();
-                let mut response = Response::new(body);
-                let headers = response.headers_mut();
-                headers.insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                headers.insert(
-                    http::header::CACHE_CONTROL,
-                    http::HeaderValue::from_static("no-store"),
-                );
-                headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-                response
-            }
+            "/metrics" => response(StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({ "error": { "status": 404, "code": "no_route", "message": "admin endpoints: /healthz, /readyz, /upstreams, /config, /auth, /metrics, /routes" } }),

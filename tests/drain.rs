@@ -5,7 +5,6 @@ mod support;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,20 +15,6 @@ fn routes(addr: SocketAddr) -> String {
     format!(
         "upstreams:\n  app: {{ targets: [\"{addr}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n"
     )
-}
-
-/// Waits (bounded) for a process to exit.
-fn exits(mut child: Child, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    false
 }
 
 #[test]
@@ -96,7 +81,7 @@ fn keepalive_load_across_two_upgrades_loses_no_request() {
         let old_pid = gw.pid();
         let old = gw.upgrade();
         assert!(
-            exits(old, Duration::from_secs(20)),
+            support::exits_within(old, Duration::from_secs(20)).is_some(),
             "upgrade {round}: the old process did not exit"
         );
         old_pids.push(old_pid);
@@ -145,7 +130,7 @@ fn a_request_in_flight_across_an_upgrade_is_answered_and_the_next_goes_to_the_ne
     assert_eq!(resp.header("connection"), Some("close"));
     assert!(conn.closed_by_server());
     assert!(
-        exits(old, Duration::from_secs(20)),
+        support::exits_within(old, Duration::from_secs(20)).is_some(),
         "the old process did not exit"
     );
     // Only the new process is left to answer a new connection.

@@ -9,7 +9,6 @@ mod support;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,19 +26,6 @@ fn generation(gw: &Gateway) -> Option<String> {
     request(gw.addr, "GET", "h", "/probe", &[], b"")
         .header("x-config")
         .map(str::to_owned)
-}
-
-fn exits_within(mut child: Child, within: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if let Ok(Some(_)) = child.try_wait() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
 }
 
 #[test]
@@ -103,7 +89,7 @@ fn reloads_and_upgrades_under_load_lose_nothing() {
                     gw.log().matches("draining: responses").count() >= upgrades
                 });
                 release.store(true, Ordering::SeqCst);
-                let took = exits_within(old, grace + Duration::from_secs(5));
+                let took = support::exits_within(old, grace + Duration::from_secs(5));
                 assert!(
                     took.is_some_and(|t| t <= grace + Duration::from_secs(2)),
                     "step {step}: the old process took {took:?}"

@@ -1,7 +1,7 @@
 //! The `auth:` section, `consumers`, and each route's access rules and
 //! CORS: compiled into shared, immutable policy once per load.
 
-use super::compile::{duration_at, valid_name, Errors};
+use super::compile::{duration_at, valid_name, Errors, FRAMING_HEADERS};
 use super::file::{CorsSpec, FileConfig, JwtKeySpec, JwtProviderSpec, RouteSpec};
 use super::values::parse_duration;
 use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
@@ -26,17 +26,10 @@ const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
 /// Largest key file read.
 const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 
-/// Headers a claim may not be forwarded in: the ones that frame or route
-/// the message, and the gateway's own.
+/// Headers a claim may not be forwarded in, besides the framing ones: the
+/// ones that route or authenticate the message, and the gateway's own.
 const RESERVED_FORWARD_HEADERS: &[&str] = &[
     "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
     "authorization",
     "x-consumer",
     "x-request-id",
@@ -423,7 +416,9 @@ fn compile_jwt_provider(
     for (claim, header) in &spec.forward_claims {
         let at = format!("{at}.forward_claims.{claim}");
         let lower = header.to_ascii_lowercase();
-        if RESERVED_FORWARD_HEADERS.contains(&lower.as_str()) {
+        if RESERVED_FORWARD_HEADERS.contains(&lower.as_str())
+            || FRAMING_HEADERS.contains(&lower.as_str())
+        {
             errors.add(
                 at,
                 format!("{header} is a header tollgate sets or relies on"),

@@ -55,7 +55,7 @@ const MAX_SERVER_SECONDS: u64 = 86_400;
 
 /// Headers that frame the message; editing them would desynchronize the
 /// client, the gateway and the upstream about where a message ends.
-const FRAMING_HEADERS: &[&str] = &[
+pub(super) const FRAMING_HEADERS: &[&str] = &[
     "content-length",
     "transfer-encoding",
     "connection",

@@ -605,3 +605,18 @@ pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
         })
     })
 }
+
+/// Waits (bounded) for a process to exit: how long it took, or `None`
+/// (then it is killed).
+pub fn exits_within(mut child: Child, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(Some(_)) = child.try_wait() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
