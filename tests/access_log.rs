@@ -136,6 +136,30 @@ fn sigusr1_reopens_the_file() {
 }
 
 #[test]
+fn lines_still_waiting_are_written_when_the_process_exits() {
+    let up = Upstream::start("a");
+    let log = log_path("exit");
+    let mut gw = Gateway::start(&config(&up, &log, ""));
+    {
+        let mut conn = support::Connection::open(gw.addr);
+        for i in 0..300 {
+            conn.send("GET", "h", &format!("/open/{i}"), &[], b"");
+            assert_eq!(conn.read_response().status, 200, "request {i}");
+        }
+    }
+    // At once: the writer wakes every 20 ms, so the last lines are still
+    // waiting in memory when the process starts to stop.
+    gw.signal("TERM");
+    assert!(gw.exited_within(std::time::Duration::from_secs(10)), "exit");
+    let all = lines(&log);
+    assert_eq!(all.len(), 300, "one line per request, none lost at exit");
+    for i in 0..300 {
+        let path = format!("/open/{i}");
+        assert!(all.iter().any(|l| l["path"] == path.as_str()), "{path}");
+    }
+}
+
+#[test]
 fn a_stalled_sink_drops_lines_instead_of_holding_requests() {
     use std::os::unix::fs::OpenOptionsExt;
     let up = Upstream::start("a");

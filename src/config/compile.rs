@@ -273,6 +273,7 @@ pub fn compile(
                 per_client,
             },
             metrics: RouteMetrics::new(&spec.name),
+            log_names: crate::observe::access_log::route_fields(&spec.name, &spec.upstream),
             pattern: RoutePattern {
                 hosts: keys.hosts.clone(),
                 path: keys.path.clone(),

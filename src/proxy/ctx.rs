@@ -66,6 +66,7 @@ impl RequestCtx {
                 upstream_latency: None,
                 deadline: None,
                 interim_deadline: None,
+                slow_after: None,
             },
             outcome: None,
             rate: None,
@@ -143,6 +144,8 @@ pub struct Timing {
     /// When interim (1xx) responses stop counting as an answer: the
     /// upstream's read timeout, from the first one.
     pub interim_deadline: Option<Instant>,
+    /// `slow_request_threshold` of the config the request began under.
+    pub slow_after: Option<std::time::Duration>,
 }
 
 impl Timing {

@@ -69,6 +69,7 @@ impl ProxyHttp for Gateway {
         ctx.timing.start = Some(Instant::now());
         ctx.in_progress = InFlightRequest::start();
         let snapshot = self.store.load();
+        ctx.timing.slow_after = snapshot.slow_request_threshold;
         request::settle_request_id(&snapshot, session.req_header(), ctx);
         ctx.client.peer = request::peer_ip(session);
         ctx.client.ip = ctx
@@ -388,18 +389,14 @@ impl ProxyHttp for Gateway {
             }
             None => metrics::answered_unrouted(status),
         }
-        let slow = self
-            .store
-            .load()
-            .slow_request_threshold
-            .is_some_and(|limit| latency > limit);
+        let slow = ctx.timing.slow_after.is_some_and(|limit| latency > limit);
         if !access_log::enabled() && !slow {
             return;
         }
         let req = session.req_header();
         let error = outcome.map(GatewayError::code);
         let entry = access_log::Entry {
-            request_id: ctx.id.as_str(),
+            request_id: ctx.id.value.as_bytes(),
             client_ip: ctx.client.ip,
             method: req.method.as_str(),
             host: req
@@ -410,6 +407,7 @@ impl ProxyHttp for Gateway {
             status,
             route: ctx.matched.as_ref().map_or("", |m| m.route.name.as_str()),
             upstream: ctx.matched.as_ref().map_or("", |m| m.cluster.name.as_str()),
+            route_fields: ctx.matched.as_ref().map_or(&[], |m| &m.route.log_names),
             upstream_addr,
             latency,
             upstream_latency: ctx.timing.upstream_latency,
@@ -427,11 +425,11 @@ impl ProxyHttp for Gateway {
                 String::from_utf8_lossy(entry.path),
                 entry.route,
                 status,
-                entry.request_id
+                ctx.id.as_str()
             );
         }
         if access_log::enabled() {
-            access_log::write(entry.line());
+            access_log::log(&entry);
         }
     }
 

@@ -32,6 +32,9 @@ pub struct Route {
     pub policy: RoutePolicy,
     /// The route's metric handles, resolved once.
     pub metrics: crate::observe::metrics::RouteMetrics,
+    /// Its access log fields that never change (`"route"`, `"upstream"`),
+    /// rendered once.
+    pub log_names: Box<[u8]>,
     /// Its host, path and method keys, for `explain` and `GET /routes`.
     pub pattern: crate::explain::RoutePattern,
 }
@@ -233,6 +236,7 @@ mod tests {
             response_headers: HeaderOps::default(),
             policy: RoutePolicy::default(),
             metrics: crate::observe::metrics::RouteMetrics::new("r"),
+            log_names: Box::default(),
             pattern: crate::explain::RoutePattern {
                 hosts: vec![HostPattern::Any],
                 path: PathPattern::Prefix("/api/users".into()),
