@@ -90,7 +90,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(store.server()));
-    server.bootstrap();
+    // Bootstrap (with `-u`: receiving the listening sockets from the old
+    // process) runs as a service, after Pingora daemonizes: only then does
+    // it know the parent to tell, with `-d`, that the daemon is up, so the
+    // parent (systemd's ExecStart/ExecReload) returns. Done here, before
+    // the fork, the parent would wait for its whole timeout.
+    let bootstrap = server.bootstrap_as_a_service();
     let store = Arc::new(store);
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
@@ -107,7 +112,7 @@ fn main() -> ExitCode {
     for addr in &snapshot.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));
     }
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&bootstrap);
 
     if let Some(admin) = snapshot.admin {
         let mut service = Service::new(
@@ -115,7 +120,7 @@ fn main() -> ExitCode {
             AdminApp::new(Arc::clone(&store)).with_connections(Arc::clone(&connections)),
         );
         service.add_tcp(&admin.to_string());
-        server.add_service(service);
+        server.add_service(service).add_dependency(&bootstrap);
     }
     server.add_service(background_service(
         "health checks",
