@@ -12,6 +12,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)     # make run's hint, the docs'
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)   # global rate limit tests start their own
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)   # the unit file's test runs systemd-analyze verify
 command -v openssl >/dev/null 2>&1 || need+=(openssl)   # the JWT tests make their RSA, EC and Ed25519 keys with it
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)   # finds the system libssl for TLS
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)   # TLS links the system OpenSSL (.cargo/config.toml: OPENSSL_NO_VENDOR)
+curl --version 2>/dev/null | grep -q nghttp2 || need+=(curl)   # the HTTP/2 tests speak h2 and h2c through curl
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

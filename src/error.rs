@@ -29,6 +29,9 @@ pub enum GatewayError {
     Overloaded,
     /// Every target of the upstream has its circuit open.
     CircuitOpen,
+    /// The request names a host the TLS connection's certificate does not
+    /// cover, and not the connection's own SNI.
+    Misdirected,
     NoHealthyTarget,
     ConnectFailed,
     UpstreamError,
@@ -57,6 +60,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => 504,
             GatewayError::Overloaded => 503,
             GatewayError::CircuitOpen => 503,
+            GatewayError::Misdirected => 421,
             GatewayError::Internal => 500,
         }
     }
@@ -81,6 +85,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen => "circuit_open",
+            GatewayError::Misdirected => "misdirected_request",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -109,6 +114,9 @@ impl GatewayError {
             GatewayError::Overloaded => "too many requests are in progress; retry shortly",
             GatewayError::CircuitOpen => {
                 "every target of the upstream is failing; its circuits are open"
+            }
+            GatewayError::Misdirected => {
+                "this connection's certificate does not cover the requested host; open a connection for it"
             }
             GatewayError::Internal => "the gateway failed to handle the request",
         }

@@ -4,8 +4,11 @@
 //! `-u` (take over the listeners of a running instance) keep their Pingora
 //! meaning.
 
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
+use pingora::protocols::ALPN;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -18,6 +21,7 @@ use tollgate::admin::AdminApp;
 use tollgate::auth::jwt::remote::RefreshService;
 use tollgate::config::file::ServerSection;
 use tollgate::downstream::drain::{DrainService, DEFAULT_DRAIN_IDLE};
+use tollgate::downstream::tls::SniCallbacks;
 use tollgate::downstream::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 use tollgate::limit::gcra::SweepService;
 use tollgate::limit::redis::ConnectService;
@@ -25,6 +29,7 @@ use tollgate::memory::ReturnMemory;
 use tollgate::observe::access_log::ReopenService;
 use tollgate::proxy::Gateway;
 use tollgate::reload::ReloadService;
+use tollgate::snapshot::TlsVersion;
 use tollgate::store::ConfigStore;
 use tollgate::upstream::health::HealthService;
 
@@ -98,7 +103,9 @@ fn main() -> ExitCode {
     let bootstrap = server.bootstrap_as_a_service();
     let store = Arc::new(store);
 
-    let proxy = pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
+    let mut proxy =
+        pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
+    proxy.server_options = Some(http_server_options(&snapshot, store.server()));
     let connections = Arc::new(ConnectionGauge::default());
     let mut proxy = Service::new(
         "tollgate".to_owned(),
@@ -107,10 +114,29 @@ fn main() -> ExitCode {
             keepalive(store.server()),
             Arc::clone(&connections),
             store.limits(),
+        )
+        .with_h2c(
+            snapshot
+                .listeners
+                .iter()
+                .filter(|l| l.h2c)
+                .map(|l| l.addr)
+                .collect(),
         ),
     );
-    for addr in &snapshot.listen {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));
+    for listener in &snapshot.listeners {
+        let mut config =
+            ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS);
+        if let Some(tls) = &listener.tls {
+            match tls_settings(&store, listener.addr, tls) {
+                Ok(settings) => config = config.tls(settings),
+                Err(e) => {
+                    eprintln!("tollgate: TLS on {}: {e}", listener.addr);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        proxy.add_listener(config);
     }
     server.add_service(proxy).add_dependency(&bootstrap);
 
@@ -159,6 +185,51 @@ fn main() -> ExitCode {
     );
     drop(snapshot);
     server.run_forever();
+}
+
+/// A TLS listener's OpenSSL settings: Mozilla's "intermediate" profile
+/// (TLS 1.2 and up, its ciphers), the certificate chosen per handshake by
+/// SNI from the running config, and the ALPN protocols offered.
+fn tls_settings(
+    store: &Arc<ConfigStore>,
+    addr: std::net::SocketAddr,
+    tls: &tollgate::snapshot::TlsListener,
+) -> Result<TlsSettings, String> {
+    let callbacks = SniCallbacks {
+        certificates: Arc::clone(store),
+        addr,
+        started_with: Arc::clone(&tls.certificates),
+    };
+    let mut settings =
+        TlsSettings::with_callbacks(Box::new(callbacks)).map_err(|e| e.to_string())?;
+    if tls.min_version == TlsVersion::V1_3 {
+        settings
+            .set_min_proto_version(Some(pingora::tls::ssl::SslVersion::TLS1_3))
+            .map_err(|e| e.to_string())?;
+    }
+    settings.set_alpn(match (tls.h2, tls.http1) {
+        (true, true) => ALPN::H2H1,
+        (true, false) => ALPN::H2,
+        _ => ALPN::H1,
+    });
+    Ok(settings)
+}
+
+/// Pingora's HTTP server options: h2c where a listener asks for it (the
+/// connection loop sends only those listeners' connections this way), and
+/// the client keepalive timeout for idle HTTP/2 connections too.
+fn http_server_options(
+    snapshot: &tollgate::snapshot::Snapshot,
+    s: &ServerSection,
+) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2c = snapshot.listeners.iter().any(|l| l.h2c);
+    // With keepalive off, an HTTP/2 connection still carries concurrent
+    // streams: it closes after the keepalive default idle time instead.
+    options.h2_idle_timeout = keepalive(s)
+        .idle_timeout
+        .or(Some(Duration::from_secs(DEFAULT_KEEPALIVE_SECONDS)));
+    options
 }
 
 fn listen_list(addrs: &[std::net::SocketAddr]) -> String {

@@ -39,6 +39,8 @@ pub struct Snapshot {
     /// Upstreams in name order; routes refer to them by position.
     pub clusters: Vec<Arc<Cluster>>,
     pub listen: Vec<SocketAddr>,
+    /// How each listener speaks, by address (plain HTTP/1 when absent).
+    pub listeners: Vec<Listener>,
     pub admin: Option<SocketAddr>,
     /// Upstreams that must have a healthy target for `/readyz` to pass.
     pub readyz_requires: Vec<String>,
@@ -57,6 +59,47 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.iter().find(|c| c.name == name)
     }
+
+    pub fn listener(&self, addr: SocketAddr) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.addr == addr)
+    }
+}
+
+/// A data listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsListener>,
+    /// HTTP/2 by prior knowledge on a plain listener.
+    pub h2c: bool,
+}
+
+impl Listener {
+    /// What needs new sockets or a new TLS context to change: everything
+    /// but the certificates, which a reload swaps.
+    pub fn shape(&self) -> (SocketAddr, Option<(TlsVersion, bool, bool)>, bool) {
+        (
+            self.addr,
+            self.tls.as_ref().map(|t| (t.min_version, t.h2, t.http1)),
+            self.h2c,
+        )
+    }
+}
+
+/// The lowest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub certificates: Arc<crate::downstream::tls::CertificateSet>,
+    pub min_version: TlsVersion,
+    /// ALPN offers h2 / http/1.1.
+    pub h2: bool,
+    pub http1: bool,
 }
 
 /// Every pool, as the store owns them.

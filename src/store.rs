@@ -7,7 +7,7 @@ use crate::config::file::ServerSection;
 use crate::config::{self, compile, ConfigError, ConfigErrors};
 use crate::downstream::SharedLimits;
 use crate::observe::access_log;
-use crate::snapshot::{Draws, Pools, Snapshot};
+use crate::snapshot::{Draws, Listener, Pools, Snapshot};
 use arc_swap::ArcSwap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -95,9 +95,14 @@ impl ConfigStore {
             }
         };
         let new = loaded.snapshot;
-        if new.listen != old.listen || new.admin != old.admin || loaded.server != self.server {
+        let shapes = |s: &Snapshot| s.listeners.iter().map(Listener::shape).collect::<Vec<_>>();
+        if new.listen != old.listen
+            || shapes(&new) != shapes(&old)
+            || new.admin != old.admin
+            || loaded.server != self.server
+        {
             log::warn!(
-                "listen, admin and server changes in {} take effect only after a process upgrade",
+                "listen (but certificates), admin and server changes in {} take effect only after a process upgrade",
                 self.path.display()
             );
         }
@@ -194,5 +199,18 @@ fn load(path: &Path, previous: Option<&Snapshot>, pools: &Pools) -> Result<Loade
 fn count_reload(result: &str) {
     if let Some(m) = crate::observe::metrics::metrics() {
         m.config_reloads.with_label_values(&[result]).inc();
+    }
+}
+
+/// A TLS listener's certificates are the running snapshot's: a reload's
+/// new certificates serve the next handshake.
+impl crate::downstream::tls::Certificates for ConfigStore {
+    fn for_listener(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Option<Arc<crate::downstream::tls::CertificateSet>> {
+        let snapshot = self.load();
+        let tls = snapshot.listener(addr)?.tls.as_ref()?;
+        Some(Arc::clone(&tls.certificates))
     }
 }

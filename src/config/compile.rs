@@ -10,6 +10,7 @@ use super::access::{
 use super::file::{AccessLogSpec, CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
+use super::file::{ListenSpec, TlsSpec};
 use super::limits::{
     ceiling, compile_consumer_rates, compile_rate_limit, compile_redis, compile_route_inflight,
 };
@@ -17,6 +18,7 @@ use super::values::{parse_duration, parse_listen_address, parse_size, resolve_ta
 use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
+use crate::downstream::tls::{Certificate, CertificateSet};
 use crate::downstream::Limits;
 use crate::explain::RoutePattern;
 use crate::observe::access_log::{AccessLog, Destination, QUEUE_LINES};
@@ -26,6 +28,7 @@ use crate::router::{
     RoutePolicy,
 };
 use crate::snapshot::{Draws, Pools, Snapshot};
+use crate::snapshot::{Listener, TlsListener, TlsVersion};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
 use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
 use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
@@ -100,7 +103,14 @@ pub fn compile(
     let mut errors = Errors(parse_errors);
     let mut draws = Draws::default();
 
-    let listen = compile_listen(&file, &mut errors);
+    let listeners = compile_listen(&file, base, &mut errors);
+    let listen: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
+    // Where `https_redirect` sends plain-HTTP requests: the first TLS
+    // listener.
+    let https_port = listeners
+        .iter()
+        .find(|l| l.tls.is_some())
+        .map(|l| l.addr.port());
     let admin = file
         .admin
         .as_ref()
@@ -170,6 +180,12 @@ pub fn compile(
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, spec) in file.routes.iter().enumerate() {
         let at = format!("routes[{i}]");
+        if spec.https_redirect && https_port.is_none() && !listeners.is_empty() {
+            errors.add(
+                format!("{at}.https_redirect"),
+                "no TLS listener to redirect to; add one under listen",
+            );
+        }
         if spec.name.is_empty() {
             errors.add(format!("{at}.name"), "must not be empty");
         } else if let Some(first) = names.insert(spec.name.as_str(), i) {
@@ -265,6 +281,7 @@ pub fn compile(
                 timeout,
                 max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
                 websocket: spec.websocket,
+                https_redirect: spec.https_redirect.then_some(https_port).flatten(),
                 access,
                 cors,
                 identity_headers: Arc::clone(&auth.identity_headers),
@@ -308,6 +325,7 @@ pub fn compile(
         routes,
         clusters,
         listen,
+        listeners,
         admin,
         readyz_requires,
         jwt: auth.jwt.values().cloned().collect(),
@@ -447,21 +465,101 @@ fn compile_limits(spec: &LimitsSpec, errors: &mut Errors) -> Option<Limits> {
     })
 }
 
-fn compile_listen(file: &FileConfig, errors: &mut Errors) -> Vec<SocketAddr> {
+fn compile_listen(file: &FileConfig, base: &Path, errors: &mut Errors) -> Vec<Listener> {
     if file.listen.is_empty() {
         errors.add("listen", "at least one listen address is required");
     }
-    let mut listen = Vec::new();
-    for (i, text) in file.listen.iter().enumerate() {
-        match parse_listen_address(text) {
-            Ok(addr) if listen.contains(&addr) => {
-                errors.add(format!("listen[{i}]"), format!("duplicate address {addr}"))
+    let mut listeners: Vec<Listener> = Vec::new();
+    for (i, spec) in file.listen.iter().enumerate() {
+        let at = format!("listen[{i}]");
+        let addr = match parse_listen_address(spec.address()) {
+            Ok(addr) if listeners.iter().any(|l| l.addr == addr) => {
+                errors.add(at, format!("duplicate address {addr}"));
+                continue;
             }
-            Ok(addr) => listen.push(addr),
-            Err(e) => errors.add(format!("listen[{i}]"), e),
+            Ok(addr) => addr,
+            Err(e) => {
+                errors.add(at, e);
+                continue;
+            }
+        };
+        let (tls, h2c) = match spec {
+            ListenSpec::Address(_) => (None, false),
+            ListenSpec::Detailed(d) => {
+                let tls = d
+                    .tls
+                    .as_ref()
+                    .and_then(|t| compile_tls(t, base, &format!("{at}.tls"), errors));
+                if d.h2c && d.tls.is_some() {
+                    errors.add(
+                        format!("{at}.h2c"),
+                        "h2c is HTTP/2 without TLS; a TLS listener offers h2 by ALPN",
+                    );
+                }
+                (tls, d.h2c)
+            }
+        };
+        listeners.push(Listener { addr, tls, h2c });
+    }
+    listeners
+}
+
+fn compile_tls(spec: &TlsSpec, base: &Path, at: &str, errors: &mut Errors) -> Option<TlsListener> {
+    let before = errors.0.len();
+    if spec.certificates.is_empty() {
+        errors.add(
+            format!("{at}.certificates"),
+            "at least one certificate is required",
+        );
+    }
+    let mut certificates = Vec::new();
+    for (i, c) in spec.certificates.iter().enumerate() {
+        let path = |p: &str| base.join(p).display().to_string();
+        match Certificate::load(&path(&c.cert), &path(&c.key)) {
+            Ok((cert, warning)) => {
+                if let Some(warning) = warning {
+                    log::warn!("{at}.certificates[{i}]: {warning}");
+                }
+                certificates.push(cert);
+            }
+            Err(e) => errors.add(format!("{at}.certificates[{i}]"), e),
         }
     }
-    listen
+    let min_version = match spec.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::V1_2,
+        Some("1.3") => TlsVersion::V1_3,
+        Some(other) => {
+            errors.add(
+                format!("{at}.min_version"),
+                format!("{other:?} is not a TLS version tollgate accepts: \"1.2\" or \"1.3\""),
+            );
+            TlsVersion::V1_2
+        }
+    };
+    let (mut h2, mut http1) = (true, true);
+    if let Some(alpn) = &spec.alpn {
+        h2 = false;
+        http1 = false;
+        for (i, p) in alpn.iter().enumerate() {
+            match p.as_str() {
+                "h2" => h2 = true,
+                "http/1.1" => http1 = true,
+                other => errors.add(
+                    format!("{at}.alpn[{i}]"),
+                    format!("{other:?} is not a protocol tollgate serves: h2 or http/1.1"),
+                ),
+            }
+        }
+        if !h2 && !http1 {
+            errors.add(format!("{at}.alpn"), "name h2, http/1.1 or both");
+        }
+    }
+    (errors.0.len() == before).then(|| TlsListener {
+        certificates: Arc::new(CertificateSet::new(certificates)),
+        min_version,
+        h2,
+        http1,
+    })
 }
 
 pub(super) fn valid_name(name: &str) -> bool {

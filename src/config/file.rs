@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Default)]
 pub struct FileConfig {
     pub server: ServerSection,
-    pub listen: Vec<String>,
+    pub listen: Vec<ListenSpec>,
     pub admin: Option<AdminSpec>,
     pub limits: LimitsSpec,
     pub auth: AuthSpec,
@@ -283,6 +283,9 @@ pub struct RouteSpec {
     /// Whether WebSocket upgrades are passed through on this route.
     #[serde(default)]
     pub websocket: bool,
+    /// Plain-HTTP requests get a 308 to the same URL over HTTPS.
+    #[serde(default)]
+    pub https_redirect: bool,
     /// Ways a caller may identify itself; any one suffices. Absent or
     /// empty: public.
     pub auth: Option<Vec<String>>,
@@ -440,6 +443,56 @@ pub struct ConsumerSpec {
     #[serde(default)]
     pub groups: Vec<String>,
     pub rate_limit: Option<ConsumerRateLimitSpec>,
+}
+
+/// A data listener: an address (plain HTTP), or an address with TLS or
+/// h2c.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an address like 0.0.0.0:80, or { address: 0.0.0.0:443, tls: { certificates: [{ cert: ..., key: ... }], min_version: \"1.2\", alpn: [h2, http/1.1] } } or { address: ..., h2c: true }"
+)]
+pub enum ListenSpec {
+    Address(String),
+    Detailed(ListenDetails),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenDetails {
+    pub address: String,
+    pub tls: Option<TlsSpec>,
+    /// HTTP/2 without TLS, by prior knowledge, beside HTTP/1.
+    #[serde(default)]
+    pub h2c: bool,
+}
+
+impl ListenSpec {
+    pub fn address(&self) -> &str {
+        match self {
+            ListenSpec::Address(a) => a,
+            ListenSpec::Detailed(d) => &d.address,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    pub certificates: Vec<CertificateSpec>,
+    /// "1.2" (default) or "1.3".
+    pub min_version: Option<String>,
+    /// Protocols offered by ALPN, in preference order; default
+    /// `[h2, http/1.1]`.
+    pub alpn: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    /// PEM chain, leaf first.
+    pub cert: String,
+    pub key: String,
 }
 
 /// The admin listener: an address, or an address with readiness rules.

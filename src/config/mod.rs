@@ -116,7 +116,7 @@ pub fn parse_partial(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Confi
                 }
             }
             "listen" => {
-                if let Some(l) = section::<Vec<String>>(&key, value, &mut errors) {
+                if let Some(l) = section::<Vec<file::ListenSpec>>(&key, value, &mut errors) {
                     config.listen = l;
                 }
             }

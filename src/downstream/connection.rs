@@ -53,13 +53,14 @@ pub struct KeepaliveSettings {
 }
 
 /// Wraps an HTTP application (tollgate's proxy) as the listening service's
-/// application, taking over Pingora's plain HTTP/1 connection loop.
-/// Anything else (TLS, HTTP/2, custom protocols) goes to Pingora's own loop.
+/// application, taking over Pingora's HTTP/1 connection loop (plain and
+/// TLS). HTTP/2 and custom protocols go to Pingora's own loop.
 pub struct LeanKeepalive<A> {
     inner: Arc<A>,
     settings: KeepaliveSettings,
     connections: Arc<ConnectionGauge>,
     limits: Arc<SharedLimits>,
+    h2c: Vec<std::net::SocketAddr>,
 }
 
 impl<A> LeanKeepalive<A> {
@@ -74,6 +75,7 @@ impl<A> LeanKeepalive<A> {
             settings,
             connections,
             limits,
+            h2c: Vec::new(),
         }
     }
 
@@ -95,12 +97,51 @@ impl<A> LeanKeepalive<A> {
     }
 }
 
+/// What a client sends first on an HTTP/2 connection without TLS.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl<A> LeanKeepalive<A> {
+    /// Listeners that also take HTTP/2 by prior knowledge (`h2c: true`).
+    pub fn with_h2c(mut self, listeners: Vec<std::net::SocketAddr>) -> Self {
+        self.h2c = listeners;
+        self
+    }
+
+    fn on_h2c_listener(&self, stream: &Stream) -> bool {
+        if self.h2c.is_empty() {
+            return false;
+        }
+        let Some(local) = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+        else {
+            return false;
+        };
+        self.h2c
+            .iter()
+            .any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
+    }
+}
+
 impl<A: HttpServerApp> LeanKeepalive<A> {
-    fn is_plain_http1(&self, stream: &Stream) -> bool {
-        let options = self.inner.server_options();
-        stream.get_ssl_digest().is_none()
-            && matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
-            && !options.is_some_and(|o| o.h2c || o.force_custom)
+    /// Whether this loop serves the connection: HTTP/1, over TLS or not.
+    /// HTTP/2 (by ALPN, or by prior knowledge on an `h2c` listener) goes
+    /// to Pingora's loop.
+    async fn serves(&self, stream: &mut Stream) -> bool {
+        if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
+            || self.inner.server_options().is_some_and(|o| o.force_custom)
+        {
+            return false;
+        }
+        if stream.get_ssl_digest().is_some() || !self.on_h2c_listener(stream) {
+            return true;
+        }
+        let wait = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
+        let mut preface = [0u8; H2_PREFACE.len()];
+        let peeked = tokio::time::timeout(wait, stream.try_peek(&mut preface)).await;
+        // Anything else (HTTP/1, silence, an error) is this loop's to
+        // answer or close.
+        !matches!(peeked, Ok(Ok(true)) if &preface == H2_PREFACE)
     }
 }
 
@@ -115,21 +156,22 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.connections.open();
-        if !self.is_plain_http1(&stream) {
+        let mut stream = stream;
+        if !self.serves(&mut stream).await {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         // With keepalive off there is only a first request to wait for.
         let mut idle = IdleTimer::new(self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT));
         let mut stopping = Stopping::new(shutdown);
         let mut carried: Option<HttpPersistentSettings> = None;
+        let tls = stream.get_ssl_digest().is_some();
         let mut conn = Box::new(RequestStream::new(stream));
         let mut limits = (0, Limits::default());
         loop {
             // A pipelined request may already be here; otherwise wait.
             if conn.stash.is_empty() {
                 let drain_idle = self.settings.drain_idle;
-                if !next_request_arrives(&mut conn.inner, &mut idle, &mut stopping, drain_idle)
-                    .await
+                if !next_request_arrives(&mut conn, tls, &mut idle, &mut stopping, drain_idle).await
                 {
                     return None;
                 }
@@ -433,15 +475,38 @@ impl Stopping {
 /// costs one cheap system call per request; tokio remembers readiness, so
 /// bytes that are already there are not waited for.
 async fn next_request_arrives(
-    stream: &mut Stream,
+    conn: &mut RequestStream,
+    tls: bool,
     idle: &mut IdleTimer,
     stopping: &mut Stopping,
     drain_idle: Duration,
 ) -> bool {
     idle.arm();
     let mut readable = poll_fn(|cx| {
-        let mut nothing = ReadBuf::new(&mut []);
-        Pin::new(&mut *stream).poll_read(cx, &mut nothing)
+        if !tls {
+            let mut nothing = ReadBuf::new(&mut []);
+            return Pin::new(&mut conn.inner).poll_read(cx, &mut nothing);
+        }
+        // A TLS stream has no readiness to wait for without reading: its
+        // library may already hold the request (it came with the
+        // handshake), and an empty read never returns. The bytes go to
+        // the stash, where the head is read from.
+        if conn.stash.capacity() == conn.stash.len() {
+            conn.stash.reserve(INITIAL_HEAD_BUFFER);
+        }
+        let mut buf = ReadBuf::uninit(conn.stash.spare_capacity_mut());
+        match Pin::new(&mut conn.inner).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                // SAFETY: `n` bytes of the spare capacity were written.
+                unsafe { conn.stash.set_len(conn.stash.len() + n) };
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     });
     tokio::select! {
         ready = &mut readable => return ready.is_ok(),

@@ -14,6 +14,7 @@ pub mod drain;
 pub mod framing;
 pub mod head;
 pub mod stream;
+pub mod tls;
 
 pub use connection::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 

@@ -61,9 +61,10 @@ pub fn set_forwarding_headers(
         upstream_request.insert_header(case_name("X-Forwarded-For"), xff)?;
     }
     // A `&str` value would be copied into a new allocation per request.
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     upstream_request.insert_header(
         case_name("X-Forwarded-Proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
     )?;
     match session.req_header().headers.get(HOST) {
         Some(host) => {

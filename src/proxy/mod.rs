@@ -18,6 +18,7 @@ pub mod response;
 pub mod retry;
 
 use crate::auth::cors;
+use crate::downstream::tls;
 use crate::error::GatewayError;
 use crate::observe::access_log;
 use crate::observe::metrics::{self, InFlightRequest};
@@ -102,6 +103,29 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
+
+        // Transport: TLS requests stay on the hosts their certificate was
+        // chosen for; plain ones go to HTTPS where the route says so.
+        match tls::served(session.digest()) {
+            Some(served) => {
+                if request::misdirected(
+                    served,
+                    request::request_host(session.req_header()).as_deref(),
+                ) {
+                    respond(session, ctx, GatewayError::Misdirected.into()).await?;
+                    return Ok(true);
+                }
+            }
+            None => {
+                if let Some(port) = m.route.policy.https_redirect {
+                    if let Some(host) = request::request_host(session.req_header()) {
+                        let host = host.into_owned();
+                        respond::https_redirect(session, ctx, &host, port).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
 
         // The route's rules for this request. A refusal from here on
         // knows its route (a CORS route's errors are readable by the page).

@@ -42,6 +42,26 @@ pub fn settle_request_id(snapshot: &Snapshot, req: &RequestHeader, ctx: &mut Req
     }
 }
 
+/// The request's host as routing sees it: `Host` (or an HTTP/2
+/// `:authority`), without port, lowercase.
+pub fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
+    let host = match req.headers.get(HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri.host(),
+    };
+    host.and_then(routing_host)
+}
+
+/// Whether a TLS request names a host its connection was not set up for:
+/// neither the SNI nor a name of the certificate served. Without SNI
+/// (clients that connect by address) any host is routed.
+pub fn misdirected(served: &crate::downstream::tls::Served, host: Option<&str>) -> bool {
+    match (&served.sni, host) {
+        (Some(sni), Some(host)) => **sni != *host && !served.certificate.covers(host),
+        _ => false,
+    }
+}
+
 /// Normalizes the path and finds the route: host, then path (without its
 /// `;parameters`), then `method` (the request's own, or the one a CORS
 /// preflight asks about).
@@ -51,11 +71,7 @@ pub fn route(
     method: &Method,
 ) -> Result<RouteMatch, Rejection> {
     let path = normalize_path(req.uri.path()).map_err(|e| GatewayError::BadRequest(e.message()))?;
-    let host = match req.headers.get(HOST) {
-        Some(h) => h.to_str().ok(),
-        None => req.uri.host(),
-    };
-    let host = host.and_then(routing_host);
+    let host = request_host(req);
     // A path with `;` always takes normalization's slow path, so only an
     // owned path can carry parameters.
     let matched = match &path {

@@ -83,6 +83,30 @@ pub async fn preflight(
     Ok(())
 }
 
+/// A route's `https_redirect`: 308 (the method and body are kept) to the
+/// same host and target over HTTPS, on the TLS listener's port.
+pub async fn https_redirect(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    host: &str,
+    port: u16,
+) -> Result<()> {
+    let req = session.req_header();
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    };
+    let mut resp = pingora::http::ResponseHeader::build(308, Some(4))?;
+    resp.insert_header(http::header::LOCATION, location)?;
+    resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
+    resp.insert_header(http::header::CONTENT_LENGTH, 0)?;
+    super::response::close_when_draining(session);
+    session.write_response_header(Box::new(resp), true).await?;
+    Ok(())
+}
+
 /// How a proxy error is reported to the client; `None` when nobody is left
 /// to answer.
 pub fn classify(e: &Error) -> Option<GatewayError> {

@@ -49,6 +49,8 @@ pub struct RoutePolicy {
     pub max_body_bytes: u64,
     /// Whether WebSocket upgrades are passed through.
     pub websocket: bool,
+    /// With `https_redirect`, the port plain-HTTP requests are sent to.
+    pub https_redirect: Option<u16>,
     /// Who may call the route.
     pub access: AccessPolicy,
     /// Which browser origins may, when set.
@@ -86,6 +88,7 @@ impl Default for RoutePolicy {
             timeout: None,
             max_body_bytes: u64::MAX,
             websocket: false,
+            https_redirect: None,
             access: AccessPolicy::default(),
             cors: None,
             identity_headers: std::sync::Arc::new([http::HeaderName::from_static("x-consumer")]),

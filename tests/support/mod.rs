@@ -289,6 +289,7 @@ pub struct Gateway {
     pub config_path: PathBuf,
     /// Extra `server:` lines this gateway was started with, kept for reloads.
     server_extra: String,
+    listen_extra: String,
     child: Child,
 }
 
@@ -323,12 +324,23 @@ impl Gateway {
     /// As [`Gateway::start_with_server`], with environment variables set
     /// for the gateway process only.
     pub fn start_with_env(env: &[(&str, &str)], server_extra: &str, body: &str) -> Gateway {
+        Gateway::start_with_listeners(env, server_extra, "", body)
+    }
+
+    /// Also listens on `listen_extra`: YAML list items (`  - {...}`)
+    /// appended to the harness's own plain listener.
+    pub fn start_with_listeners(
+        env: &[(&str, &str)],
+        server_extra: &str,
+        listen_extra: &str,
+        body: &str,
+    ) -> Gateway {
         // The ports were free when chosen, but another test may take one
         // before the gateway binds it: a gateway that exits while starting
         // is started again on new ports.
         let mut last_log = String::new();
         for _ in 0..3 {
-            match Gateway::try_start(env, server_extra, body) {
+            match Gateway::try_start(env, server_extra, listen_extra, body) {
                 Ok(gw) => return gw,
                 Err(log) => last_log = log,
             }
@@ -336,13 +348,25 @@ impl Gateway {
         panic!("the gateway exited while starting, three times; last log:\n{last_log}");
     }
 
-    fn try_start(env: &[(&str, &str)], server_extra: &str, body: &str) -> Result<Gateway, String> {
+    fn try_start(
+        env: &[(&str, &str)],
+        server_extra: &str,
+        listen_extra: &str,
+        body: &str,
+    ) -> Result<Gateway, String> {
         let dir = scratch_dir("gw");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config_path = dir.join("tollgate.yaml");
         let gateway_dir = dir.clone();
-        write_config(&config_path, &gateway_dir, addr, admin, server_extra, body);
+        write_config(
+            &config_path,
+            &gateway_dir,
+            (addr, listen_extra),
+            admin,
+            server_extra,
+            body,
+        );
         let log = std::fs::File::create(dir.join("gateway.log")).expect("log file");
         let child = Command::new(binary())
             .arg("-c")
@@ -363,6 +387,7 @@ impl Gateway {
             dir,
             config_path,
             server_extra: server_extra.to_owned(),
+            listen_extra: listen_extra.to_owned(),
             child,
         };
         let deadline = Instant::now() + WAIT;
@@ -427,7 +452,7 @@ impl Gateway {
         write_config(
             &self.config_path,
             &self.dir,
-            self.addr,
+            (self.addr, &self.listen_extra),
             self.admin,
             &self.server_extra,
             body,
@@ -513,7 +538,7 @@ impl Drop for Gateway {
 fn write_config(
     path: &Path,
     dir: &Path,
-    addr: SocketAddr,
+    (addr, listen_extra): (SocketAddr, &str),
     admin: SocketAddr,
     server_extra: &str,
     body: &str,
@@ -534,7 +559,7 @@ fn write_config(
     } else {
         format!("admin: \"{admin}\"\n")
     };
-    let text = format!("{server}listen: [\"{addr}\"]\n{admin_line}{body}");
+    let text = format!("{server}listen:\n  - \"{addr}\"\n{listen_extra}{admin_line}{body}");
     std::fs::write(path, text).expect("write config");
 }
 

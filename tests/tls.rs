@@ -1,0 +1,416 @@
+//! TLS termination against the real binary: certificates minted here (a
+//! test CA, leaf certificates for two names, an expired one), SNI
+//! selection, 421 for misdirected hosts, HTTP/2 by ALPN and h2c through
+//! curl, the HTTPS redirect, certificate reloads, idle TLS connections,
+//! and `-t` refusing bad certificates.
+
+mod support;
+
+use openssl::asn1::Asn1Time;
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{SslConnector, SslMethod, SslStream, SslVerifyMode};
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509Name, X509};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+use support::http::{read_body, read_head, Head};
+use support::upstream::Upstream;
+use support::{free_port, scratch_dir, Gateway};
+
+fn key() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+fn name(cn: &str) -> X509Name {
+    let mut n = X509Name::builder().unwrap();
+    n.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
+    n.build()
+}
+
+/// A certificate for `names`, signed by `ca` (self-signed without one),
+/// valid from `from` to `to` days from now.
+fn certificate(
+    names: &[&str],
+    key: &PKey<Private>,
+    ca: Option<(&X509, &PKey<Private>)>,
+    (from, to): (i64, i64),
+    serial: u32,
+) -> X509 {
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&BigNum::from_u32(serial).unwrap().to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&name(names[0])).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    b.set_not_before(&Asn1Time::from_unix(now + from * 86_400).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::from_unix(now + to * 86_400).unwrap())
+        .unwrap();
+    b.set_pubkey(key).unwrap();
+    match ca {
+        Some((ca_cert, _)) => b.set_issuer_name(ca_cert.subject_name()).unwrap(),
+        None => b.set_issuer_name(&name(names[0])).unwrap(),
+    }
+    if ca.is_some() {
+        let mut san = SubjectAlternativeName::new();
+        for n in names {
+            san.dns(n);
+        }
+        let ext = san
+            .build(&b.x509v3_context(ca.map(|c| &**c.0), None))
+            .unwrap();
+        b.append_extension(ext).unwrap();
+    } else {
+        let ext = openssl::x509::extension::BasicConstraints::new()
+            .critical()
+            .ca()
+            .build()
+            .unwrap();
+        b.append_extension(ext).unwrap();
+    }
+    let signer = ca.map_or(key, |c| c.1);
+    b.sign(signer, MessageDigest::sha256()).unwrap();
+    b.build()
+}
+
+struct Pki {
+    dir: PathBuf,
+    ca: X509,
+    ca_key: PKey<Private>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = scratch_dir("pki");
+        let ca_key = key();
+        let ca = certificate(&["tollgate test CA"], &ca_key, None, (-1, 365), 1);
+        std::fs::write(dir.join("ca.pem"), ca.to_pem().unwrap()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    /// Writes `<file>.pem` and `<file>.key`; returns the cert path.
+    fn issue(&self, file: &str, names: &[&str], days: (i64, i64), serial: u32) -> PathBuf {
+        let k = key();
+        let cert = certificate(names, &k, Some((&self.ca, &self.ca_key)), days, serial);
+        let path = self.dir.join(format!("{file}.pem"));
+        std::fs::write(&path, cert.to_pem().unwrap()).unwrap();
+        std::fs::write(
+            self.dir.join(format!("{file}.key")),
+            k.private_key_to_pem_pkcs8().unwrap(),
+        )
+        .unwrap();
+        path
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+}
+
+/// A TLS connection with SNI `sni` (none when empty), verifying against
+/// the test CA but not the host name (the tests look at what was served).
+fn connect(addr: SocketAddr, pki: &Pki, sni: &str) -> SslStream<TcpStream> {
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(pki.dir.join("ca.pem")).unwrap();
+    b.set_alpn_protos(b"\x08http/1.1").unwrap();
+    let connector = b.build();
+    let mut config = connector.configure().unwrap();
+    config.set_verify_hostname(false);
+    config.set_use_server_name_indication(!sni.is_empty());
+    config.set_verify(SslVerifyMode::PEER);
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    config
+        .connect(if sni.is_empty() { "ignored" } else { sni }, tcp)
+        .unwrap()
+}
+
+/// The DNS names of the certificate a connection was given.
+fn served_names(s: &SslStream<TcpStream>) -> Vec<String> {
+    let cert = s.ssl().peer_certificate().unwrap();
+    cert.subject_alt_names()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.dnsname().map(str::to_owned))
+        .collect()
+}
+
+fn get(s: &mut BufReader<SslStream<TcpStream>>, host: &str, path: &str) -> (Head, Vec<u8>) {
+    write!(s.get_mut(), "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    s.get_mut().flush().unwrap();
+    let head = read_head(s).unwrap().expect("a response");
+    let body = read_body(s, &head, true).unwrap();
+    (head, body)
+}
+
+fn status(head: &Head) -> u16 {
+    head.start_line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+fn tls_listener(addr: SocketAddr, pki: &Pki, extra: &str) -> String {
+    format!(
+        "  - address: \"{addr}\"\n    tls:\n      certificates:\n        - {{ cert: \"{}\", key: \"{}\" }}\n        - {{ cert: \"{}\", key: \"{}\" }}\n{extra}",
+        pki.path("api.pem"),
+        pki.path("api.key"),
+        pki.path("shop.pem"),
+        pki.path("shop.key"),
+    )
+}
+
+fn body(up: &Upstream, route_extra: &str) -> String {
+    format!(
+        "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app{route_extra} }}\n",
+        up.addr
+    )
+}
+
+struct Setup {
+    pki: Pki,
+    gw: Gateway,
+    tls: SocketAddr,
+    _up: Upstream,
+}
+
+fn start(server_extra: &str, listener_extra: &str, route_extra: &str, more_listen: &str) -> Setup {
+    let pki = Pki::new();
+    pki.issue("api", &["api.test"], (-1, 90), 10);
+    pki.issue("shop", &["*.shop.test", "shop.test"], (-1, 90), 11);
+    let up = Upstream::start("a");
+    let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen = format!("{}{more_listen}", tls_listener(tls, &pki, listener_extra));
+    let gw = Gateway::start_with_listeners(&[], server_extra, &listen, &body(&up, route_extra));
+    Setup {
+        pki,
+        gw,
+        tls,
+        _up: up,
+    }
+}
+
+#[test]
+fn sni_chooses_the_certificate_and_an_unknown_name_gets_the_first() {
+    let s = start("", "", "", "");
+    for (sni, expected) in [
+        ("api.test", vec!["api.test"]),
+        ("www.shop.test", vec!["*.shop.test", "shop.test"]),
+        ("shop.test", vec!["*.shop.test", "shop.test"]),
+        ("unknown.test", vec!["api.test"]),
+        ("", vec!["api.test"]),
+    ] {
+        let conn = connect(s.tls, &s.pki, sni);
+        assert_eq!(served_names(&conn), expected, "SNI {sni:?}");
+        let mut conn = BufReader::new(conn);
+        let host = if sni.is_empty() { "127.0.0.1" } else { sni };
+        let (head, body) = get(&mut conn, host, "/x");
+        assert_eq!(status(&head), 200, "SNI {sni:?}");
+        let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echo["upstream"], "a");
+        let proto = echo["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == "x-forwarded-proto")
+            .map(|h| h[1].clone());
+        assert_eq!(proto, Some(serde_json::json!("https")));
+        // Keepalive over TLS: a second request on the same connection.
+        let (head, _) = get(&mut conn, host, "/y");
+        assert_eq!(status(&head), 200);
+    }
+}
+
+#[test]
+fn a_host_the_certificate_does_not_cover_gets_421() {
+    let s = start("", "", "", "");
+    let mut conn = BufReader::new(connect(s.tls, &s.pki, "api.test"));
+    let (head, body) = get(&mut conn, "www.shop.test", "/x");
+    assert_eq!(status(&head), 421);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "misdirected_request");
+    // The connection's own name, and a name its certificate covers, route.
+    let mut conn = BufReader::new(connect(s.tls, &s.pki, "www.shop.test"));
+    assert_eq!(status(&get(&mut conn, "www.shop.test", "/x").0), 200);
+    assert_eq!(status(&get(&mut conn, "shop.test:443", "/x").0), 200);
+    assert_eq!(status(&get(&mut conn, "api.test", "/x").0), 421);
+}
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl (scripts/install-deps.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut parts = text.split(' ');
+    (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn http2_by_alpn_and_http1_share_the_listener_and_h2c_is_per_listener() {
+    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let s = start(
+        "",
+        "",
+        "",
+        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
+    );
+    let ca = s.pki.path("ca.pem");
+    let resolve = format!("api.test:{}:127.0.0.1", s.tls.port());
+    let url = format!("https://api.test:{}/x", s.tls.port());
+    assert_eq!(
+        curl(&["--cacert", &ca, "--resolve", &resolve, "--http2", &url]),
+        ("200".into(), "2".into())
+    );
+    assert_eq!(
+        curl(&["--cacert", &ca, "--resolve", &resolve, "--http1.1", &url]),
+        ("200".into(), "1.1".into())
+    );
+    // A 421 over HTTP/2 too (curl reuses nothing across runs).
+    let shop = format!("https://api.test:{}/x", s.tls.port());
+    assert_eq!(
+        curl(&[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "--http2",
+            "-H",
+            "Host: www.shop.test",
+            &shop
+        ])
+        .0,
+        "421"
+    );
+    // h2c by prior knowledge where the listener allows it; HTTP/1 there too.
+    let plain = format!("http://{h2c}/x");
+    assert_eq!(
+        curl(&["--http2-prior-knowledge", &plain]),
+        ("200".into(), "2".into())
+    );
+    assert_eq!(curl(&[&plain]), ("200".into(), "1.1".into()));
+    // The harness's plain listener has no h2c: the preface is no request.
+    let other = format!("http://{}/x", s.gw.addr);
+    assert_ne!(curl(&["--http2-prior-knowledge", &other]).1, "2");
+}
+
+#[test]
+fn https_redirect_sends_plain_requests_to_the_tls_listener() {
+    let s = start("", "", ", https_redirect: true", "");
+    let resp = support::request(s.gw.addr, "POST", "api.test:8080", "/a/b?c=1", &[], b"x");
+    assert_eq!(resp.status, 308);
+    assert_eq!(
+        resp.header("location"),
+        Some(format!("https://api.test:{}/a/b?c=1", s.tls.port()).as_str())
+    );
+    // Over TLS the route is served.
+    let mut conn = BufReader::new(connect(s.tls, &s.pki, "api.test"));
+    assert_eq!(status(&get(&mut conn, "api.test", "/a").0), 200);
+}
+
+#[test]
+fn a_reload_serves_new_certificates_to_new_connections_only() {
+    let s = start("", "", "", "");
+    let mut old = BufReader::new(connect(s.tls, &s.pki, "api.test"));
+    assert_eq!(status(&get(&mut old, "api.test", "/x").0), 200);
+    let serial = |c: &SslStream<TcpStream>| {
+        c.ssl()
+            .peer_certificate()
+            .unwrap()
+            .serial_number()
+            .to_bn()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(serial(old.get_ref()), "10");
+    // A renewed certificate in the same files.
+    s.pki.issue("api", &["api.test"], (-1, 180), 20);
+    let status_after = s.gw.reload_with(&body(&s._up, ""));
+    assert!(
+        status_after["last_reload_error"].is_null(),
+        "{status_after}"
+    );
+    let fresh = connect(s.tls, &s.pki, "api.test");
+    assert_eq!(serial(&fresh), "20");
+    // The established connection goes on with its certificate.
+    assert_eq!(status(&get(&mut old, "api.test", "/x").0), 200);
+    assert_eq!(serial(old.get_ref()), "10");
+}
+
+#[test]
+fn an_idle_tls_connection_is_closed_after_the_keepalive_timeout() {
+    let s = start("keepalive_timeout_seconds: 1", "", "", "");
+    let mut conn = BufReader::new(connect(s.tls, &s.pki, "api.test"));
+    assert_eq!(status(&get(&mut conn, "api.test", "/x").0), 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut buf = [0u8; 1];
+    let read = std::io::Read::read(conn.get_mut(), &mut buf);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "the idle connection is still open: {read:?}"
+    );
+}
+
+fn check(pki: &Pki, cert: &str, key: &str) -> (i32, String) {
+    let text = format!(
+        "listen:\n  - address: \"127.0.0.1:{}\"\n    tls:\n      certificates:\n        - {{ cert: \"{}\", key: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+        free_port(),
+        pki.path(cert),
+        pki.path(key)
+    );
+    let (code, stdout, stderr) = support::check_config(&text);
+    (code, format!("{stdout}{stderr}"))
+}
+
+#[test]
+fn the_config_check_refuses_bad_certificates() {
+    let pki = Pki::new();
+    pki.issue("good", &["api.test"], (-1, 90), 1);
+    pki.issue("expired", &["api.test"], (-30, -1), 2);
+    pki.issue("future", &["api.test"], (5, 90), 3);
+    pki.issue("soon", &["api.test"], (-1, 3), 4);
+    pki.issue("other", &["other.test"], (-1, 90), 5);
+    std::fs::write(pki.dir.join("garbage.pem"), "not a certificate").unwrap();
+
+    let (code, out) = check(&pki, "good.pem", "good.key");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = check(&pki, "expired.pem", "expired.key");
+    assert_ne!(code, 0);
+    assert!(out.contains("expired on"), "{out}");
+    let (code, out) = check(&pki, "future.pem", "future.key");
+    assert_ne!(code, 0);
+    assert!(out.contains("not valid before"), "{out}");
+    let (code, out) = check(&pki, "good.pem", "other.key");
+    assert_ne!(code, 0);
+    assert!(out.contains("is not the key of"), "{out}");
+    let (code, out) = check(&pki, "garbage.pem", "good.key");
+    assert_ne!(code, 0);
+    assert!(out.contains("holds no certificate"), "{out}");
+    let (code, out) = check(&pki, "missing.pem", "good.key");
+    assert_ne!(code, 0);
+    assert!(out.contains("cannot read"), "{out}");
+    // Within 14 days of expiry: valid, with a warning.
+    let (code, out) = check(&pki, "soon.pem", "soon.key");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("expires on"), "{out}");
+}
