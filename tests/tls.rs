@@ -414,3 +414,167 @@ fn the_config_check_refuses_bad_certificates() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("expires on"), "{out}");
 }
+
+fn upstream_header(body: &[u8], name: &str) -> Option<String> {
+    let echo: serde_json::Value = serde_json::from_slice(body).ok()?;
+    echo["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str().map(str::to_owned))
+}
+
+/// Gateway A speaks to gateway B (TLS with HTTP/2 and HTTP/1.1 by ALPN; a
+/// TLS listener with HTTP/1.1 only; h2c), which forwards to a plain
+/// upstream.
+#[test]
+fn upstreams_over_tls_and_http2_verify_their_certificates() {
+    let pki = Pki::new();
+    pki.issue("internal", &["internal.test"], (-1, 90), 30);
+    let other = Pki::new();
+    let up = Upstream::start("a");
+    let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (both, h1_only, h2c) = (port(), port(), port());
+    let cert = format!(
+        "{{ cert: \"{}\", key: \"{}\" }}",
+        pki.path("internal.pem"),
+        pki.path("internal.key")
+    );
+    let b_listen = format!(
+        "  - {{ address: \"{both}\", tls: {{ certificates: [{cert}] }} }}\n  - {{ address: \"{h1_only}\", tls: {{ certificates: [{cert}], alpn: [http/1.1] }} }}\n  - {{ address: \"{h2c}\", h2c: true }}\n"
+    );
+    let b_log = scratch_dir("b-log").join("access.log");
+    let _b = Gateway::start_with_listeners(
+        &[],
+        "",
+        &b_listen,
+        &format!(
+            "access_log: {{ path: \"{}\" }}\n{}",
+            b_log.display(),
+            body(&up, "")
+        ),
+    );
+    let ca = pki.path("ca.pem");
+    let wrong_ca = other.path("ca.pem");
+    let a_body = format!(
+        "upstreams:
+  h2: {{ targets: [\"{both}\"], protocol: h2, tls: {{ sni: internal.test, ca_file: \"{ca}\" }} }}
+  h1tls: {{ targets: [\"{both}\"], tls: {{ sni: internal.test, ca_file: \"{ca}\" }} }}
+  h2_to_h1_only: {{ targets: [\"{h1_only}\"], protocol: h2, tls: {{ sni: internal.test, ca_file: \"{ca}\" }} }}
+  wrong_ca: {{ targets: [\"{both}\"], tls: {{ sni: internal.test, ca_file: \"{wrong_ca}\" }} }}
+  wrong_name: {{ targets: [\"{both}\"], tls: {{ sni: other.test, ca_file: \"{ca}\" }} }}
+  no_verify: {{ targets: [\"{both}\"], tls: {{ sni: internal.test, verify: false }} }}
+  h2c: {{ targets: [\"{h2c}\"], protocol: h2c }}
+routes:
+  - {{ name: h2, path_prefix: /h2/, upstream: h2 }}
+  - {{ name: h1tls, path_prefix: /h1tls/, upstream: h1tls }}
+  - {{ name: h2_to_h1_only, path_prefix: /h2_to_h1_only/, upstream: h2_to_h1_only }}
+  - {{ name: wrong_ca, path_prefix: /wrong_ca/, upstream: wrong_ca }}
+  - {{ name: wrong_name, path_prefix: /wrong_name/, upstream: wrong_name }}
+  - {{ name: no_verify, path_prefix: /no_verify/, upstream: no_verify }}
+  - {{ name: h2c, path_prefix: /h2c/, upstream: h2c }}
+"
+    );
+    let a = Gateway::start(&a_body);
+    for (path, status, proto) in [
+        ("/h2/x", 200, Some("https")),
+        ("/h1tls/x", 200, Some("https")),
+        // An upstream that takes no HTTP/2 by ALPN gets HTTP/1.1 (TLS's
+        // rule: no protocol negotiated is HTTP/1.1).
+        ("/h2_to_h1_only/x", 200, Some("https")),
+        ("/wrong_ca/x", 502, None),
+        ("/wrong_name/x", 502, None),
+        ("/no_verify/x", 200, Some("https")),
+        ("/h2c/x", 200, Some("http")),
+    ] {
+        // B routes the client's Host, which its certificate must cover.
+        let resp = a.get("internal.test", path);
+        assert_eq!(
+            resp.status,
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        if let Some(proto) = proto {
+            // B saw the request come over TLS (or not) and said so.
+            assert_eq!(
+                upstream_header(&resp.body, "x-forwarded-proto").as_deref(),
+                Some(proto),
+                "{path}"
+            );
+        }
+    }
+    // How each request reached B, by B's access log.
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..100 {
+        seen = std::fs::read_to_string(&b_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                (
+                    v["path"].as_str().unwrap_or("").to_owned(),
+                    v["protocol"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        if seen.len() >= 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (path, protocol) in [
+        ("/h2/x", "HTTP/2"),
+        ("/h1tls/x", "HTTP/1.1"),
+        ("/h2_to_h1_only/x", "HTTP/1.1"),
+        ("/no_verify/x", "HTTP/1.1"),
+        ("/h2c/x", "HTTP/2"),
+    ] {
+        assert_eq!(
+            seen.get(path).map(String::as_str),
+            Some(protocol),
+            "{path}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn the_config_check_refuses_inconsistent_upstream_tls() {
+    let pki = Pki::new();
+    let cases = [
+        (
+            "protocol: h2c, tls: { sni: a.test }",
+            "h2c is HTTP/2 without TLS",
+        ),
+        ("protocol: h3", "is not h1, h2 or h2c"),
+        ("tls: {}", "needs the name to verify"),
+        ("protocol: h2", "needs the name to verify"),
+        (
+            &*format!(
+                "tls: {{ sni: a.test, ca_file: \"{}\" }}",
+                pki.path("missing.pem")
+            ),
+            "cannot read",
+        ),
+        ("tls: { sni: a.test, client_cert: c.pem }", "go together"),
+    ];
+    for (upstream, expected) in cases {
+        let text = format!(
+            "listen: [\"127.0.0.1:{}\"]\nupstreams:\n  app: {{ targets: [\"127.0.0.1:1\"], {upstream} }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            free_port()
+        );
+        let (code, stdout, stderr) = support::check_config(&text);
+        assert_ne!(code, 0, "{upstream}");
+        assert!(
+            format!("{stdout}{stderr}").contains(expected),
+            "{upstream}: {stdout}{stderr}"
+        );
+    }
+    // Verification by a target's host name needs no sni.
+    let text = format!(
+        "listen: [\"127.0.0.1:{}\"]\nupstreams:\n  app: {{ targets: [\"localhost:1\"], protocol: h2 }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+        free_port()
+    );
+    let (code, stdout, stderr) = support::check_config(&text);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}

@@ -10,7 +10,7 @@ use super::access::{
 use super::file::{AccessLogSpec, CircuitBreakerSpec, LimitsSpec, SizeText};
 use super::file::{Balance as BalanceSpec, HealthCheckSpec, ServerSection as ServerSpec};
 use super::file::{DurationText, FileConfig, HeaderOpsSpec, RouteSpec, UpstreamSpec};
-use super::file::{ListenSpec, TlsSpec};
+use super::file::{ListenSpec, TargetSpec, TlsSpec, UpstreamTlsSpec};
 use super::limits::{
     ceiling, compile_consumer_rates, compile_rate_limit, compile_redis, compile_route_inflight,
 };
@@ -31,8 +31,10 @@ use crate::snapshot::{Draws, Pools, Snapshot};
 use crate::snapshot::{Listener, TlsListener, TlsVersion};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
 use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
+use crate::upstream::transport::{load_ca, load_client, Transport, UpstreamTls};
 use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
 use http::{HeaderName, HeaderValue, Method};
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -164,7 +166,9 @@ pub fn compile(
     let mut clusters = Vec::new();
     for (name, spec) in &file.upstreams {
         let prev = previous.and_then(|p| p.cluster(name));
-        if let Some(cluster) = compile_upstream(name, spec, prev, pools, &mut draws, &mut errors) {
+        if let Some(cluster) =
+            compile_upstream(name, spec, prev, (pools, base), &mut draws, &mut errors)
+        {
             clusters.push(cluster);
         }
     }
@@ -591,7 +595,7 @@ fn compile_upstream(
     name: &str,
     spec: &UpstreamSpec,
     previous: Option<&Arc<Cluster>>,
-    pools: &Pools,
+    (pools, base): (&Pools, &Path),
     draws: &mut Draws,
     errors: &mut Errors,
 ) -> Option<Arc<Cluster>> {
@@ -722,6 +726,8 @@ fn compile_upstream(
         }
     };
 
+    let transport = compile_transport(spec, base, &at, errors).unwrap_or_default();
+
     let mut settings = None;
     if let Some(hc) = &spec.health_check {
         let h_at = format!("{at}.health_check");
@@ -747,7 +753,7 @@ fn compile_upstream(
             }
         }
         if let (Some(interval), Some(connect)) = (interval, connect) {
-            settings = Some(health_settings(hc, interval, connect));
+            settings = Some(health_settings(hc, interval, connect, transport.clone()));
         }
     }
 
@@ -840,6 +846,7 @@ fn compile_upstream(
             && prev.balance == balance
             && prev.hash_key == hash_key
             && prev.timeouts == timeouts
+            && prev.transport == transport
             && prev.retries == spec.retries
             && prev.retry_on == retry_on
         {
@@ -858,6 +865,7 @@ fn compile_upstream(
         previous.map(|p| p.as_ref()),
     );
     cluster.max_inflight = max_inflight;
+    cluster.transport = transport;
     cluster.set_breakers(breakers);
     Some(Arc::new(cluster))
 }
@@ -950,6 +958,7 @@ fn health_settings(
     spec: &HealthCheckSpec,
     interval: Duration,
     connect: Duration,
+    transport: Transport,
 ) -> HealthSettings {
     HealthSettings {
         http_path: spec.http_path.clone(),
@@ -957,7 +966,117 @@ fn health_settings(
         healthy_after: spec.healthy_after,
         unhealthy_after: spec.unhealthy_after,
         connect_timeout: connect,
+        transport,
     }
+}
+
+/// An upstream's `protocol` and `tls`: files read and checked now, so a
+/// request only clones handles.
+fn compile_transport(
+    spec: &UpstreamSpec,
+    base: &Path,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Transport> {
+    let before = errors.0.len();
+    let protocol = spec.protocol.as_deref().unwrap_or("h1");
+    let h2 = match protocol {
+        "h1" => false,
+        "h2" | "h2c" => true,
+        other => {
+            errors.add(
+                format!("{at}.protocol"),
+                format!("{other:?} is not h1, h2 or h2c"),
+            );
+            false
+        }
+    };
+    let tls_spec = match (protocol, &spec.tls) {
+        ("h2c", Some(_)) => {
+            errors.add(
+                format!("{at}.tls"),
+                "h2c is HTTP/2 without TLS; use protocol: h2 for HTTP/2 over TLS",
+            );
+            None
+        }
+        // HTTP/2 to an upstream is negotiated by TLS's ALPN.
+        ("h2", None) => Some(UpstreamTlsSpec {
+            sni: None,
+            verify: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+        }),
+        (_, tls) => tls.clone(),
+    };
+    let mut key = format!("protocol={protocol}");
+    let tls = tls_spec.map(|t| {
+        let t_at = format!("{at}.tls");
+        let verify = t.verify.unwrap_or(true);
+        // The name to send and verify: given, or the targets' one host name.
+        let sni = t.sni.clone().or_else(|| {
+            let hosts: std::collections::BTreeSet<&str> = spec
+                .targets
+                .iter()
+                .filter_map(|target| {
+                    let address = match target {
+                        TargetSpec::Address(a) => a.as_str(),
+                        TargetSpec::Weighted(w) => w.address.as_str(),
+                    };
+                    address.rsplit_once(':').map(|(host, _)| host)
+                })
+                .collect();
+            match hosts.into_iter().collect::<Vec<_>>()[..] {
+                [host] if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') => {
+                    Some(host.to_owned())
+                }
+                _ => None,
+            }
+        });
+        // Pingora sends no SNI and verifies nothing for an empty name.
+        if verify && sni.is_none() {
+            errors.add(
+                format!("{t_at}.sni"),
+                "verifying a certificate needs the name to verify: set sni (the targets are addresses, or several names)",
+            );
+        }
+        let path = |p: &str| base.join(p).display().to_string();
+        let mut digest = Sha256::new();
+        let ca = t.ca_file.as_deref().and_then(|f| {
+            let file = path(f);
+            digest.update(std::fs::read(&file).unwrap_or_default());
+            load_ca(&file)
+                .map_err(|e| errors.add(format!("{t_at}.ca_file"), e))
+                .ok()
+        });
+        let client = match (&t.client_cert, &t.client_key) {
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (path(cert), path(key));
+                digest.update(std::fs::read(&cert).unwrap_or_default());
+                digest.update(std::fs::read(&key).unwrap_or_default());
+                load_client(&cert, &key)
+                    .map_err(|e| errors.add(format!("{t_at}.client_cert"), e))
+                    .ok()
+            }
+            (None, None) => None,
+            _ => {
+                errors.add(t_at.clone(), "client_cert and client_key go together");
+                None
+            }
+        };
+        let sni = sni.unwrap_or_default();
+        key.push_str(&format!(
+            " tls sni={sni} verify={verify} files={:x}",
+            digest.finalize()
+        ));
+        Arc::new(UpstreamTls {
+            sni,
+            verify,
+            ca: ca.map(Arc::new),
+            client: client.map(Arc::new),
+        })
+    });
+    (errors.0.len() == before).then(|| Transport::new(tls, h2, key))
 }
 
 /// The index keys of one route: its host patterns, path pattern and methods.

@@ -83,6 +83,23 @@ pub struct UpstreamSpec {
     pub retries: u32,
     /// Which failures are retried: connect_failure, reset, timeout.
     pub retry_on: Option<Vec<String>>,
+    /// `h1` (default), `h2` (over TLS) or `h2c` (HTTP/2 without TLS).
+    pub protocol: Option<String>,
+    /// TLS to the targets.
+    pub tls: Option<UpstreamTlsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// The name sent as SNI and verified; default: the targets' host name.
+    pub sni: Option<String>,
+    /// Verify the certificate chain and name (default true).
+    pub verify: Option<bool>,
+    /// PEM bundle of trusted roots, instead of the system's.
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
 }
 
 fn default_retries() -> u32 {

@@ -340,6 +340,8 @@ pub struct Entry<'a> {
     pub request_id: &'a [u8],
     pub client_ip: Option<IpAddr>,
     pub method: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`...; empty: not known (refused before parsing).
+    pub protocol: &'static str,
     pub host: &'a [u8],
     pub path: &'a [u8],
     pub status: u16,
@@ -386,6 +388,10 @@ impl Entry<'_> {
         out.extend_from_slice(b",\"method\":");
         // A method is an HTTP token: no quote, backslash or control byte.
         plain(out, self.method.as_bytes());
+        if !self.protocol.is_empty() {
+            out.extend_from_slice(b",\"protocol\":");
+            plain(out, self.protocol.as_bytes());
+        }
         out.extend_from_slice(b",\"host\":");
         string(out, self.host);
         out.extend_from_slice(b",\"path\":");
@@ -440,6 +446,18 @@ impl Entry<'_> {
             number(out, u64::from(self.retries));
         }
         out.extend_from_slice(b"}\n");
+    }
+}
+
+/// The access log's name for an HTTP version.
+pub fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "",
     }
 }
 
@@ -637,6 +655,7 @@ mod tests {
             request_id: b"abc",
             client_ip: Some("192.0.2.1".parse().unwrap()),
             method: "GET",
+            protocol: "HTTP/2",
             host: b"api.example.com",
             path: b"/a\"b\\c\x01\xff",
             status: 200,
@@ -672,6 +691,7 @@ mod tests {
         assert_eq!(v["latency_ms"], 1234.567);
         assert_eq!(v["upstream_latency_ms"], 0.005);
         assert_eq!(v["consumer"], "alice");
+        assert_eq!(v["protocol"], "HTTP/2");
         assert_eq!(v["retries"], 1);
         assert!(v.get("error").is_none());
         let bare = Entry::default().line();

@@ -423,6 +423,7 @@ impl ProxyHttp for Gateway {
             request_id: ctx.id.value.as_bytes(),
             client_ip: ctx.client.ip,
             method: req.method.as_str(),
+            protocol: access_log::protocol(req.version),
             host: req
                 .headers
                 .get(http::header::HOST)

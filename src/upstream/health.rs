@@ -36,18 +36,29 @@ pub struct HealthSettings {
     pub healthy_after: u32,
     pub unhealthy_after: u32,
     pub connect_timeout: Duration,
+    /// Checks speak to targets as requests do.
+    pub transport: super::transport::Transport,
 }
 
 impl HealthSettings {
     fn build_check(&self, upstream: &str) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
         let Some(path) = &self.http_path else {
-            let mut tcp = TcpHealthCheck::new();
+            let mut tcp = match &self.transport.tls {
+                Some(tls) => TcpHealthCheck::new_tls(&tls.sni),
+                None => TcpHealthCheck::new(),
+            };
+            self.transport.apply(&mut tcp.peer_template.options);
             tcp.consecutive_success = self.healthy_after as usize;
             tcp.consecutive_failure = self.unhealthy_after as usize;
             tcp.peer_template.options.connection_timeout = Some(self.connect_timeout);
             return Ok(tcp);
         };
-        let mut http = HttpHealthCheck::new(upstream, false);
+        let mut http = HttpHealthCheck::new(upstream, self.transport.tls.is_some());
+        if let Some(tls) = &self.transport.tls {
+            http.peer_template.sni = tls.sni.clone();
+            http.peer_template.client_cert_key = tls.client.clone();
+        }
+        self.transport.apply(&mut http.peer_template.options);
         http.consecutive_success = self.healthy_after as usize;
         http.consecutive_failure = self.unhealthy_after as usize;
         http.peer_template.options.connection_timeout = Some(self.connect_timeout);

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod health;
+pub mod transport;
 
 use breaker::Breaker;
 use health::HealthProbe;
@@ -126,6 +127,8 @@ pub struct Cluster {
     pub targets: Vec<Target>,
     pub hash_key: HashKey,
     pub timeouts: Timeouts,
+    /// HTTP/1 or HTTP/2, TLS or not.
+    pub transport: transport::Transport,
     pub retries: u32,
     pub retry_on: RetryOn,
     pub health: Option<Arc<HealthProbe>>,
@@ -207,6 +210,7 @@ impl Cluster {
             targets,
             hash_key,
             timeouts,
+            transport: transport::Transport::default(),
             retries,
             retry_on,
             health,
@@ -359,7 +363,7 @@ impl Cluster {
     /// The peer to connect to for target `index`.
     pub fn peer(&self, index: usize) -> Option<Box<HttpPeer>> {
         let target = self.targets.get(index)?;
-        let mut peer = HttpPeer::new(target.addr, false, String::new());
+        let mut peer = self.transport.peer(target.addr);
         let options = &mut peer.options;
         options.connection_timeout = Some(self.timeouts.connect);
         options.read_timeout = Some(self.timeouts.read);
