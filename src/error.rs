@@ -122,6 +122,31 @@ impl GatewayError {
         }
     }
 
+    /// The gRPC status a gRPC client gets for this error
+    /// (`grpc/doc/statuscodes.md`), by what went wrong rather than by the
+    /// HTTP status alone.
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            GatewayError::BadRequest(_)
+            | GatewayError::UriTooLong
+            | GatewayError::HeaderTooLarge(_)
+            | GatewayError::NotImplemented(_)
+            | GatewayError::VersionNotSupported => 3, // INVALID_ARGUMENT
+            GatewayError::RequestTimeout | GatewayError::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            GatewayError::Forbidden(_) => 7,                                   // PERMISSION_DENIED
+            GatewayError::RateLimited | GatewayError::BodyTooLarge => 8,       // RESOURCE_EXHAUSTED
+            GatewayError::NoRoute | GatewayError::MethodNotAllowed => 12,      // UNIMPLEMENTED
+            GatewayError::Internal => 13,                                      // INTERNAL
+            GatewayError::Overloaded
+            | GatewayError::CircuitOpen
+            | GatewayError::NoHealthyTarget
+            | GatewayError::ConnectFailed
+            | GatewayError::UpstreamError
+            | GatewayError::Misdirected => 14, // UNAVAILABLE
+            GatewayError::Unauthorized(_) => 16,                               // UNAUTHENTICATED
+        }
+    }
+
     /// The JSON body for this error.
     pub fn body(self, request_id: &str) -> Bytes {
         let body = serde_json::json!({

@@ -36,8 +36,17 @@ pub async fn respond(
 ) -> Result<()> {
     let error = rejection.error;
     ctx.outcome = Some(error);
-    let body = error.body(ctx.id.as_str());
-    let mut resp = error.header(body.len());
+    let grpc = is_grpc(session.req_header());
+    let body = if grpc {
+        bytes::Bytes::new()
+    } else {
+        error.body(ctx.id.as_str())
+    };
+    let mut resp = if grpc {
+        grpc_error(error)?
+    } else {
+        error.header(body.len())
+    };
     resp.insert_header(case_name("X-Request-Id"), ctx.id.value.clone())?;
     if let Some(allow) = rejection.allow {
         resp.insert_header(ALLOW, allow)?;
@@ -59,7 +68,8 @@ pub async fn respond(
     }
     super::response::set_rate_headers(&mut resp, ctx)?;
     super::response::close_when_draining(session);
-    let head_only = session.req_header().method == http::Method::HEAD;
+    // A gRPC error is "trailers only": one header block ending the stream.
+    let head_only = grpc || session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only)
         .await?;
@@ -67,6 +77,34 @@ pub async fn respond(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Whether the client speaks gRPC (and reads errors from `grpc-status`,
+/// not from a JSON body).
+pub fn is_grpc(req: &pingora::http::RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gateway error as gRPC sees one: HTTP 200 with `grpc-status` and
+/// `grpc-message` (percent-encoded) and no body.
+fn grpc_error(error: GatewayError) -> Result<pingora::http::ResponseHeader> {
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(6))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    resp.insert_header("grpc-status", error.grpc_status().to_string())?;
+    let mut message = String::with_capacity(error.message().len());
+    for b in error.message().bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            message.push(char::from(b));
+        } else {
+            message.push_str(&format!("%{b:02X}"));
+        }
+    }
+    resp.insert_header("grpc-message", message)?;
+    resp.insert_header("x-tollgate-error", error.code())?;
+    resp.insert_header(http::header::CONTENT_LENGTH, 0)?;
+    Ok(resp)
 }
 
 /// The gateway's answer to a CORS preflight: the route's rules, no body,
