@@ -257,6 +257,11 @@ pub fn compile(
             .timeout
             .as_ref()
             .and_then(|t| duration_at(&mut errors, format!("{at}.timeout"), t));
+        let websocket_idle_timeout = spec
+            .websocket_idle_timeout
+            .as_ref()
+            .and_then(|t| duration_at(&mut errors, format!("{at}.websocket_idle_timeout"), t))
+            .unwrap_or(crate::router::DEFAULT_WEBSOCKET_IDLE);
         let access = compile_access(&at, spec, &file, &auth, &mut errors);
         let (max_inflight, per_client) =
             compile_route_inflight(&at, spec, pools, &mut draws, &mut errors);
@@ -285,6 +290,7 @@ pub fn compile(
                 timeout,
                 max_body_bytes: max_body_bytes.unwrap_or(u64::MAX),
                 websocket: spec.websocket,
+                websocket_idle_timeout,
                 https_redirect: spec.https_redirect.then_some(https_port).flatten(),
                 access,
                 cors,

@@ -300,6 +300,9 @@ pub struct RouteSpec {
     /// Whether WebSocket upgrades are passed through on this route.
     #[serde(default)]
     pub websocket: bool,
+    /// How long an upgraded connection may carry nothing in a direction
+    /// (default 1h).
+    pub websocket_idle_timeout: Option<DurationText>,
     /// Plain-HTTP requests get a 308 to the same URL over HTTPS.
     #[serde(default)]
     pub https_redirect: bool,

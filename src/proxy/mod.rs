@@ -229,6 +229,14 @@ impl ProxyHttp for Gateway {
                 *t = Some(t.map_or(left, |t| t.min(left)));
             }
         }
+        if session.is_upgrade_req() && ctx.timing.deadline.is_none() {
+            // An upgraded connection reads the upstream with this timeout
+            // for its whole life (Pingora sets it per connection): a tunnel
+            // may idle up to websocket_idle_timeout, not timeouts.read.
+            // The handshake's answer is then bounded by the route's
+            // `timeout`, when it has one (the branch above).
+            peer.options.read_timeout = Some(m.route.policy.websocket_idle_timeout);
+        }
         ctx.attempt.target = Some((index, cluster.acquire(index)));
         ctx.timing.upstream_start = Some(Instant::now());
         ctx.attempt.breaker = cluster.targets.get(index).and_then(|t| t.breaker.clone());
@@ -267,6 +275,7 @@ impl ProxyHttp for Gateway {
             return fail(GatewayError::Internal, "a response without a route");
         };
         let m_cluster = Arc::clone(&m.cluster);
+        let tunnel_idle = m.route.policy.websocket_idle_timeout;
         ctx.timing.upstream_latency = ctx.timing.upstream_start.map(|t| t.elapsed());
         if let Some(breaker) = ctx.attempt.breaker.take() {
             let outcome = if upstream_response.status.is_server_error() {
@@ -279,7 +288,7 @@ impl ProxyHttp for Gateway {
         response::check_status(upstream_response)?;
         response::check_interim(upstream_response, &mut ctx.timing, &m_cluster)?;
         response::strip_hop_by_hop(upstream_response)?;
-        response::accept_upgrade(session, upstream_response)?;
+        response::accept_upgrade(session, upstream_response, tunnel_idle)?;
         Ok(())
     }
 

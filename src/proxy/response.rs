@@ -128,7 +128,11 @@ fn is_hop_token(token: &[u8]) -> bool {
 /// A 101 goes through only as the answer to an upgrade request (Pingora
 /// relays one whenever the requests to both sides agree, including when
 /// neither asked); it turns the client connection into a tunnel.
-pub fn accept_upgrade(session: &mut Session, resp: &ResponseHeader) -> Result<()> {
+pub fn accept_upgrade(
+    session: &mut Session,
+    resp: &ResponseHeader,
+    idle: std::time::Duration,
+) -> Result<()> {
     if resp.status.as_u16() != 101 {
         return Ok(());
     }
@@ -144,8 +148,9 @@ pub fn accept_upgrade(session: &mut Session, resp: &ResponseHeader) -> Result<()
     {
         stream.open_tunnel();
     }
-    // body_timeout is for request bodies; a tunnel may idle.
-    session.set_read_timeout(None);
+    // body_timeout is for request bodies; a tunnel may idle up to the
+    // route's websocket_idle_timeout (the upstream side has it too).
+    session.set_read_timeout(Some(idle));
     Ok(())
 }
 

@@ -49,6 +49,8 @@ pub struct RoutePolicy {
     pub max_body_bytes: u64,
     /// Whether WebSocket upgrades are passed through.
     pub websocket: bool,
+    /// How long a tunnel may be silent in either direction.
+    pub websocket_idle_timeout: std::time::Duration,
     /// With `https_redirect`, the port plain-HTTP requests are sent to.
     pub https_redirect: Option<u16>,
     /// Who may call the route.
@@ -82,12 +84,16 @@ impl PartialEq for PerClientLimit {
 
 impl Eq for PerClientLimit {}
 
+/// `websocket_idle_timeout` when a route does not say.
+pub const DEFAULT_WEBSOCKET_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Default for RoutePolicy {
     fn default() -> Self {
         RoutePolicy {
             timeout: None,
             max_body_bytes: u64::MAX,
             websocket: false,
+            websocket_idle_timeout: DEFAULT_WEBSOCKET_IDLE,
             https_redirect: None,
             access: AccessPolicy::default(),
             cors: None,

@@ -1,0 +1,75 @@
+//! WebSocket tunnels: idle longer than the upstream read timeout, closed
+//! after `websocket_idle_timeout`, kept across a SIGHUP reload.
+
+mod support;
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+use support::upstream::Scripted;
+use support::{Connection, Gateway};
+
+/// Answers an upgrade with 101, then echoes the tunnel's bytes.
+fn echo_upstream() -> Scripted {
+    Scripted::start(|_, _, reader, writer| {
+        // See conformance.rs: a real server takes a moment to answer.
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = writer.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        );
+        loop {
+            let Ok(buf) = reader.fill_buf() else {
+                return false;
+            };
+            if buf.is_empty() {
+                return false;
+            }
+            let n = buf.len();
+            let _ = writer.write_all(buf);
+            reader.consume(n);
+        }
+    })
+}
+
+fn config(ws: &Scripted, route_extra: &str, generation: u32) -> String {
+    format!(
+        "upstreams:\n  ws: {{ targets: [\"{}\"], timeouts: {{ read: 1s }} }}\nroutes:\n  - {{ name: socket, path_prefix: /ws, upstream: ws, websocket: true{route_extra}, response_headers: {{ set: {{ X-Generation: \"{generation}\" }} }} }}\n",
+        ws.addr
+    )
+}
+
+fn open_tunnel(gw: &Gateway) -> Connection {
+    let mut conn = Connection::open(gw.addr);
+    conn.send_raw(b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    let head = conn.read_response_head();
+    assert!(head.start_line.contains(" 101 "), "{}", head.start_line);
+    conn
+}
+
+#[test]
+fn a_tunnel_idles_past_the_upstream_read_timeout_and_survives_a_reload() {
+    let ws = echo_upstream();
+    let gw = Gateway::start(&config(&ws, "", 0));
+    let mut conn = open_tunnel(&gw);
+    conn.send_raw(b"hello");
+    assert_eq!(conn.read_bytes(5), b"hello");
+    // Twice the upstream's read timeout of silence.
+    std::thread::sleep(Duration::from_millis(2200));
+    conn.send_raw(b"still");
+    assert_eq!(conn.read_bytes(5), b"still");
+    // A reload (the route changes) leaves the tunnel as it is.
+    let status = gw.reload_with(&config(&ws, "", 1));
+    assert!(status["last_reload_error"].is_null(), "{status}");
+    conn.send_raw(b"after");
+    assert_eq!(conn.read_bytes(5), b"after");
+}
+
+#[test]
+fn a_silent_tunnel_closes_after_websocket_idle_timeout() {
+    let ws = echo_upstream();
+    let gw = Gateway::start(&config(&ws, ", websocket_idle_timeout: 1s", 0));
+    let mut conn = open_tunnel(&gw);
+    conn.send_raw(b"hello");
+    assert_eq!(conn.read_bytes(5), b"hello");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(conn.closed_by_server(), "the idle tunnel is still open");
+}
