@@ -15,6 +15,7 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)   # the JWT tests make the
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)   # finds the system libssl for TLS
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)   # TLS links the system OpenSSL (.cargo/config.toml: OPENSSL_NO_VENDOR)
 curl --version 2>/dev/null | grep -q nghttp2 || need+=(curl)   # the HTTP/2 tests speak h2 and h2c through curl
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)   # HTTP/2 limit tests (nghttp, h2load)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
