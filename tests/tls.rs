@@ -578,3 +578,52 @@ fn the_config_check_refuses_inconsistent_upstream_tls() {
     let (code, stdout, stderr) = support::check_config(&text);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+#[test]
+fn a_websocket_tunnel_works_over_tls() {
+    use std::io::{BufRead, Read};
+    let ws = support::upstream::Scripted::start(|_, _, reader, writer| {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = writer.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        );
+        loop {
+            let Ok(buf) = reader.fill_buf() else {
+                return false;
+            };
+            if buf.is_empty() {
+                return false;
+            }
+            let n = buf.len();
+            let _ = writer.write_all(buf);
+            reader.consume(n);
+        }
+    });
+    let pki = Pki::new();
+    pki.issue("api", &["api.test"], (-1, 90), 10);
+    pki.issue("shop", &["*.shop.test", "shop.test"], (-1, 90), 11);
+    let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _gw = Gateway::start_with_listeners(
+        &[],
+        "",
+        &tls_listener(tls, &pki, ""),
+        &format!(
+            "upstreams:\n  ws: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: ws, path_prefix: /, upstream: ws, websocket: true }}\n",
+            ws.addr
+        ),
+    );
+    let mut conn = BufReader::new(connect(tls, &pki, "api.test"));
+    write!(
+        conn.get_mut(),
+        "GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut conn).unwrap().expect("a response");
+    assert_eq!(status(&head), 101);
+    for message in [&b"first"[..], b"second message"] {
+        conn.get_mut().write_all(message).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        conn.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message);
+    }
+}

@@ -207,6 +207,37 @@ def start_nginx_proxy() -> Proc:
     return Proc("nginx", ["nginx", "-c", str(conf)])
 
 
+def bench_certificate() -> tuple:
+    """A self-signed P-256 certificate for the TLS scenarios, made once:
+    nginx and tollgate serve the same one."""
+    d = RAW / "tls"
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "bench.pem", d / "bench.key"
+    if not cert.exists() or not key.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", "/CN=bench.test",
+             "-addext", "subjectAltName=DNS:bench.test"],
+            check=True, capture_output=True,
+        )
+    return cert, key
+
+
+def start_nginx_tls() -> Proc:
+    """nginx terminating TLS (HTTP/2 by ALPN, as tollgate's listener) in
+    front of the same upstream."""
+    cert, key = bench_certificate()
+    conf = nginx_conf(
+        "nginx-tls",
+        f"listen {PROXY[0]}:{PROXY[1]} ssl http2 backlog=4096;\n"
+        f"  ssl_certificate {cert}; ssl_certificate_key {key};\n"
+        "  ssl_protocols TLSv1.2 TLSv1.3;\n"
+        "  location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }",
+        f"upstream backend {{ server {UPSTREAM[0]}:{UPSTREAM[1]}; keepalive 128; }}",
+    )
+    return Proc("nginx-tls", ["nginx", "-c", str(conf)])
+
+
 def start_haproxy() -> Proc:
     d = RAW / "haproxy"
     d.mkdir(parents=True, exist_ok=True)
@@ -280,7 +311,7 @@ def auth_headers(auth: Optional[str]) -> list:
 
 
 def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: Optional[str] = None,
-                    access_log: bool = False) -> Path:
+                    access_log: bool = False, tls: bool = False) -> Path:
     d = RAW / name
     d.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -346,15 +377,20 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: O
     else:
         for i in range(routes):
             lines.append(f"  - {{ name: r{i}, path_prefix: /api/r{i}, upstream: backend }}")
+    # BENCH_TLS=1 (instructions.sh): the listener terminates TLS.
+    if tls or os.environ.get("BENCH_TLS") == "1":
+        cert, key = bench_certificate()
+        lines[lines.index(f'listen: ["{PROXY[0]}:{PROXY[1]}"]')] = (
+            f'listen: [{{ address: "{PROXY[0]}:{PROXY[1]}", tls: {{ certificates: [{{ cert: "{cert}", key: "{key}" }}] }} }}]')
     conf = d / "tollgate.yaml"
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
 
 def start_tollgate(name: str, routes: int, binary: str = "", auth: Optional[str] = None,
-                   limit: Optional[str] = None, access_log: bool = False) -> Callable[[], Proc]:
+                   limit: Optional[str] = None, access_log: bool = False, tls: bool = False) -> Callable[[], Proc]:
     def start() -> Proc:
-        conf = tollgate_config(name, routes, auth, limit, access_log)
+        conf = tollgate_config(name, routes, auth, limit, access_log, tls)
         exe = binary or str(ROOT / "target/release/tollgate")
         return Proc(name, [exe, "-c", str(conf)], env={"RUST_LOG": "warn"})
     return start
@@ -385,6 +421,12 @@ class Scenario:
     path: str = "/api/bench"
     memory: bool = False  # also measure RSS idle / with 10k idle connections
     headers: list = field(default_factory=list)  # (name, value) sent with every request
+    # How load is sent: "h1" (wrk, plain keepalive), "tls" (wrk over TLS,
+    # keepalive), "handshake" (wrk over TLS with Connection: close: one new
+    # TLS connection per request), "h2" (h2load over TLS, ALPN h2, 10
+    # streams per connection). Other than h1: max phase only.
+    protocol: str = "h1"
+    baseline: str = "nginx"  # the scenario ratios are taken to
     result: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # one dict per max-phase round
 
@@ -400,6 +442,14 @@ SCENARIOS = [
              headers=auth_headers("jwt")),
     Scenario("bare Pingora", start_bare_pingora, memory=True),
     Scenario("nginx", start_nginx_proxy, memory=True),
+    # TLS termination, each against nginx doing the same in the same run.
+    Scenario("tollgate TLS", start_tollgate("tollgate-tls", 1, tls=True), protocol="tls", baseline="nginx TLS"),
+    Scenario("nginx TLS", start_nginx_tls, protocol="tls", baseline="nginx TLS"),
+    Scenario("tollgate TLS handshakes", start_tollgate("tollgate-tls", 1, tls=True), protocol="handshake",
+             baseline="nginx TLS handshakes"),
+    Scenario("nginx TLS handshakes", start_nginx_tls, protocol="handshake", baseline="nginx TLS handshakes"),
+    Scenario("tollgate h2", start_tollgate("tollgate-tls", 1, tls=True), protocol="h2", baseline="nginx h2"),
+    Scenario("nginx h2", start_nginx_tls, protocol="h2", baseline="nginx h2"),
     Scenario("HAProxy", start_haproxy, memory=True),
     Scenario("Caddy", start_caddy),
     Scenario("Go gateway (seed 3.1)", start_go_gateway),
@@ -441,6 +491,38 @@ def run_wrk(url: str, seconds: int, headers: list = ()) -> dict:
             res["errors"] += sum(int(parts[i]) for i in (3, 5, 7, 9))
     res["raw"] = out
     return res
+
+
+def run_h2load(url: str, seconds: int, headers: list = ()) -> dict:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "h2load", "-t1", f"-c{CONNECTIONS}", "-m10", f"-D{seconds}",
+         *header_args(headers), url],
+        capture_output=True, text=True,
+    ).stdout
+    res = {"requests": 0, "rps": 0.0, "errors": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            # finished in 5.00s, 30000.00 req/s, 3.00MB/s
+            res["rps"] = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            parts = line.replace(",", "").split()
+            # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
+            res["requests"] = int(parts[7])
+            res["errors"] = int(parts[9]) + int(parts[11]) + int(parts[13])
+        elif line.startswith("status codes:"):
+            parts = line.replace(",", "").split()
+            res["errors"] += sum(int(parts[i]) for i in (4, 6, 8))  # 3xx, 4xx, 5xx
+    res["raw"] = out
+    return res
+
+
+def run_load(s, url: str, seconds: int) -> dict:
+    if s.protocol == "h2":
+        return run_h2load(url, seconds, s.headers)
+    if s.protocol == "handshake":
+        return run_wrk(url, seconds, [*s.headers, ("Connection", "close")])
+    return run_wrk(url, seconds, s.headers)
 
 
 def run_oha(url: str, rate: float, seconds: int, headers: list = ()) -> dict:
@@ -532,7 +614,10 @@ def summarize_max(s: Scenario) -> None:
 
 def run_scenario(s: Scenario, phase: str, rate: float = 0) -> None:
     addr = UPSTREAM if s.start is None else PROXY
-    url = f"http://{addr[0]}:{addr[1]}{s.path}"
+    scheme = "http" if s.protocol == "h1" else "https"
+    url = f"{scheme}://{addr[0]}:{addr[1]}{s.path}"
+    if s.protocol != "h1" and phase != "max":
+        return
     proc = None
     if s.start is not None:
         if not port_free(PROXY):
@@ -545,10 +630,10 @@ def run_scenario(s: Scenario, phase: str, rate: float = 0) -> None:
             return
     try:
         if phase == "max":
-            run_wrk(url, 2, s.headers)  # warm-up: connection pools, caches, page faults
+            run_load(s, url, 2)  # warm-up: connection pools, caches, page faults
             pids = proc.pids() if proc else []
             cpu0 = cpu_seconds(pids)
-            w = run_wrk(url, max(1, DURATION // ROUNDS), s.headers)
+            w = run_load(s, url, max(1, DURATION // ROUNDS))
             cpu1 = cpu_seconds(pids)
             sample = dict(rps=w["rps"], errors=w["errors"], requests=w["requests"])
             if proc and w["requests"]:
@@ -586,16 +671,19 @@ def report(scenarios, rate: float) -> str:
         f"Machine: {os.cpu_count()} cores, proxy pinned to core {PROXY_CPU}, wrk/oha and the upstream on core {LOAD_CPU}; "
         f"{CONNECTIONS} keepalive connections; {'quick' if QUICK else 'full'} run. Max req/s and CPU: median of "
         f"{ROUNDS} interleaved run(s) of {max(1, DURATION // ROUNDS)} s; latency: {LATENCY_DURATION} s at a fixed rate. "
-        "Ratios are to nginx in the same run.",
+        "Ratios are to nginx in the same run (TLS scenarios: to nginx doing the same; \"handshakes\": a new TLS "
+        "connection per request, so req/s is handshakes/s; h2: h2load, 10 streams per connection).",
         "",
         f"| scenario | max req/s | CPU µs/req | p50 ms | p99 ms | p99.9 ms (at {rate:.0f} req/s) | peak RSS MB | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    by_name = {s.name: s.result for s in scenarios}
     for s in scenarios:
         r = s.result
         if "failed" in r:
             lines.append(f"| {s.name} | failed: {r['failed']} | | | | | | |")
             continue
+        nginx = by_name.get(s.baseline, {})
         lat = r.get("latency", {})
         nginx_lat = nginx.get("latency", {})
         sat = " (saturated)" if lat.get("achieved_rps", rate) < 0.95 * rate else ""
@@ -659,7 +747,7 @@ def main() -> None:
     only = [n.strip() for n in os.environ.get("BENCH_ONLY", "").split(",") if n.strip()]
     phases = os.environ.get("BENCH_PHASES", "max,latency,memory").split(",")
     scenarios = [s for s in SCENARIOS if not only or s.name in only or s.start is None]
-    for tool in ("wrk", "taskset", "nginx"):
+    for tool in ("wrk", "taskset", "nginx", "h2load", "openssl"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: run benches/load/run.sh")
 

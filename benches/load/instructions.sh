@@ -17,6 +17,7 @@
 #   BENCH_LIMIT=global benches/load/instructions.sh tollgate (a Redis rate limit; starts redis-server)
 #   BENCH_ACCESS_LOG=1 benches/load/instructions.sh tollgate (the access log to a file)
 #   BENCH_AUTH=jwt BENCH_LIMIT=local BENCH_ACCESS_LOG=1 ... (the full chain)
+#   BENCH_TLS=1 benches/load/instructions.sh tollgate         (HTTPS keepalive: the listener terminates TLS)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -57,7 +58,12 @@ count() {
   while IFS= read -r line; do
     [ -n "$line" ] && auth+=(-H "$line")
   done < <(python3 -c 'import os, sys; sys.path.insert(0, "benches/load"); import bench; [print(f"{n}: {v}") for n, v in bench.auth_headers(os.environ.get("BENCH_AUTH"))]')
-  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json "${auth[@]}" http://127.0.0.1:18080/api/bench > "$raw/callgrind-oha-$n.json"
+  local url=http://127.0.0.1:18080/api/bench tls=()
+  if [ "${BENCH_TLS:-}" = 1 ]; then
+    url=https://127.0.0.1:18080/api/bench
+    tls=(--insecure)
+  fi
+  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json "${tls[@]}" "${auth[@]}" "$url" > "$raw/callgrind-oha-$n.json"
   kill -INT $proxy
   wait $proxy 2>/dev/null || true
   grep -h '^summary:' "$out" | awk '{print $2}'

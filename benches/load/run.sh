@@ -13,6 +13,8 @@ command -v caddy >/dev/null || apt_need+=(caddy)
 command -v go >/dev/null || apt_need+=(golang-go)
 command -v wrk >/dev/null || apt_need+=(wrk)
 command -v taskset >/dev/null || apt_need+=(util-linux)
+command -v h2load >/dev/null || apt_need+=(nghttp2-client)   # the h2 scenarios
+command -v openssl >/dev/null || apt_need+=(openssl)   # the TLS scenarios' certificate
 if [ ${#apt_need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "benchmarks need: ${apt_need[*]} (sudo apt-get install -y ${apt_need[*]})" >&2

@@ -166,6 +166,9 @@ where
         let mut carried: Option<HttpPersistentSettings> = None;
         let tls = stream.get_ssl_digest().is_some();
         let mut conn = Box::new(RequestStream::new(stream));
+        if tls {
+            conn.gather_writes();
+        }
         let mut limits = (0, Limits::default());
         loop {
             // A pipelined request may already be here; otherwise wait.
