@@ -118,3 +118,79 @@ fn a_client_resetting_streams_as_fast_as_it_opens_them_is_cut_off() {
     // Still serving.
     assert_eq!(gw.get("h", "/after").status, 200);
 }
+
+fn start_with(server_extra: &str) -> (Gateway, SocketAddr, Upstream) {
+    let up = Upstream::start("a");
+    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = Gateway::start_with_listeners(
+        &[],
+        server_extra,
+        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
+        &format!(
+            "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            up.addr
+        ),
+    );
+    (gw, h2c, up)
+}
+
+/// One request on a new h2c connection; returns the connection's task,
+/// which ends when the server closes the connection.
+async fn one_request(addr: SocketAddr) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(http::Request::get("http://h/x").body(()).unwrap(), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    // The client keeps its handle: the connection stays open on its side.
+    std::mem::forget(client);
+    conn
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
+    let (_gw, h2c, _up) = start_with("keepalive_timeout_seconds: 1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = one_request(h2c).await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        assert!(
+            closed.is_ok(),
+            "the idle HTTP/2 connection is still open after 5 s"
+        );
+    });
+}
+
+#[test]
+fn a_stopping_gateway_sends_goaway_and_exits_without_waiting_out_its_grace() {
+    let (mut gw, h2c, _up) = start_with("grace_period_seconds: 20");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = one_request(h2c).await;
+        gw.signal("TERM");
+        // GOAWAY, then the connection closes: the client's side ends.
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        assert!(
+            closed.is_ok(),
+            "the HTTP/2 connection was not closed by the stop"
+        );
+    });
+    assert!(
+        gw.exited_within(Duration::from_secs(10)),
+        "the gateway waited for its 20 s grace with no connection left"
+    );
+}

@@ -627,3 +627,36 @@ fn a_websocket_tunnel_works_over_tls() {
         assert_eq!(echo, message);
     }
 }
+
+#[test]
+fn health_checks_speak_tls_with_the_upstreams_settings() {
+    let pki = Pki::new();
+    pki.issue("internal", &["internal.test"], (-1, 90), 40);
+    let other = Pki::new();
+    let up = Upstream::start("a");
+    let b_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_listen = format!(
+        "  - {{ address: \"{b_addr}\", tls: {{ certificates: [{{ cert: \"{}\", key: \"{}\" }}] }} }}\n",
+        pki.path("internal.pem"),
+        pki.path("internal.key")
+    );
+    let _b = Gateway::start_with_listeners(&[], "", &b_listen, &body(&up, ""));
+    let check = "health_check: { http_path: /health, interval: 100ms, healthy_after: 1, unhealthy_after: 1 }";
+    let a = Gateway::start(&format!(
+        "upstreams:\n  good: {{ targets: [\"{b_addr}\"], tls: {{ sni: internal.test, ca_file: \"{}\" }}, {check} }}\n  bad: {{ targets: [\"{b_addr}\"], tls: {{ sni: internal.test, ca_file: \"{}\" }}, {check} }}\nroutes:\n  - {{ name: good, path_prefix: /good, upstream: good }}\n  - {{ name: bad, path_prefix: /bad, upstream: bad }}\n",
+        pki.path("ca.pem"),
+        other.path("ca.pem")
+    ));
+    a.wait_until("the checks have run", || {
+        let u = a.admin_get("/upstreams").json();
+        u["upstreams"]["good"]["healthy_targets"] == 1
+            && u["upstreams"]["bad"]["healthy_targets"] == 0
+    });
+    // The check reached B's upstream through TLS, with the certificate's name.
+    a.wait_until("B's upstream saw a check", || up.hits() > 0);
+    assert_eq!(a.get("internal.test", "/good/x").status, 200);
+    assert_eq!(
+        a.get("internal.test", "/bad/x").assert_gateway_error(502),
+        "upstream_unavailable"
+    );
+}

@@ -66,8 +66,17 @@ impl HealthSettings {
         http.peer_template.options.read_timeout = Some(self.interval);
         let mut req = RequestHeader::build("GET", path.as_bytes(), None)
             .map_err(|e| format!("invalid http_path {path:?}: {e}"))?;
-        req.insert_header("Host", upstream)
-            .map_err(|e| format!("upstream name is not a valid Host header: {e}"))?;
+        // Over TLS the name the certificate is for (a virtual-hosted
+        // upstream routes by it); else the upstream's name.
+        let host = self
+            .transport
+            .tls
+            .as_ref()
+            .map(|t| t.sni.as_str())
+            .filter(|sni| !sni.is_empty())
+            .unwrap_or(upstream);
+        req.insert_header("Host", host)
+            .map_err(|e| format!("{host:?} is not a valid Host header: {e}"))?;
         req.insert_header("User-Agent", "tollgate-health-check")
             .map_err(|e| e.to_string())?;
         http.req = req;
