@@ -18,6 +18,7 @@ use openssl::x509::{X509Name, X509};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 use support::http::{read_body, read_head, Head};
 use support::upstream::Upstream;
@@ -659,4 +660,79 @@ fn health_checks_speak_tls_with_the_upstreams_settings() {
         a.get("internal.test", "/bad/x").assert_gateway_error(502),
         "upstream_unavailable"
     );
+}
+
+/// Kills a helper process when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_upstream_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    let pki = Pki::new();
+    pki.issue("server", &["internal.test"], (-1, 90), 50);
+    pki.issue("client", &["gateway.test"], (-1, 90), 51);
+    let port = free_port();
+    // OpenSSL's test server: requires a client certificate signed by the
+    // CA, and answers any request with a page describing the session.
+    let server = Killed(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-naccept",
+                "10",
+            ])
+            .args([
+                "-cert",
+                &pki.path("server.pem"),
+                "-key",
+                &pki.path("server.key"),
+            ])
+            .args([
+                "-CAfile",
+                &pki.path("ca.pem"),
+                "-Verify",
+                "1",
+                "-www",
+                "-quiet",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    let ca = pki.path("ca.pem");
+    let a = Gateway::start(&format!(
+        "upstreams:\n  mtls: {{ targets: [\"127.0.0.1:{port}\"], retries: 0, tls: {{ sni: internal.test, ca_file: \"{ca}\", client_cert: \"{}\", client_key: \"{}\" }} }}\n  anonymous: {{ targets: [\"127.0.0.1:{port}\"], retries: 0, tls: {{ sni: internal.test, ca_file: \"{ca}\" }} }}\nroutes:\n  - {{ name: mtls, path_prefix: /mtls, upstream: mtls }}\n  - {{ name: anonymous, path_prefix: /anonymous, upstream: anonymous }}\n",
+        pki.path("client.pem"),
+        pki.path("client.key")
+    ));
+    a.wait_until("s_server listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // TLS 1.3 reports a missing client certificate after the client's
+    // side of the handshake is done: the refusal comes with the first
+    // read (upstream_error) rather than the connect.
+    let resp = a.get("internal.test", "/anonymous");
+    let code = resp.assert_gateway_error(502);
+    assert!(
+        ["upstream_error", "upstream_unavailable"].contains(&code.as_str()),
+        "{code}"
+    );
+    let resp = a.get("internal.test", "/mtls");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let page = String::from_utf8_lossy(&resp.body);
+    assert!(
+        page.contains("gateway.test"),
+        "the client certificate is not in the session: {page}"
+    );
+    drop(server);
 }
