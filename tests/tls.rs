@@ -310,6 +310,15 @@ fn http2_by_alpn_and_http1_share_the_listener_and_h2c_is_per_listener() {
         ("200".into(), "2".into())
     );
     assert_eq!(curl(&[&plain]), ("200".into(), "1.1".into()));
+    // A request shorter than the preface is answered at once, not after
+    // waiting for 24 bytes.
+    let started = std::time::Instant::now();
+    let resp = support::send_raw(h2c, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(resp.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the short request waited"
+    );
     // The harness's plain listener has no h2c: the preface is no request.
     let other = format!("http://{}/x", s.gw.addr);
     assert_ne!(curl(&["--http2-prior-knowledge", &other]).1, "2");
@@ -318,6 +327,9 @@ fn http2_by_alpn_and_http1_share_the_listener_and_h2c_is_per_listener() {
 #[test]
 fn https_redirect_sends_plain_requests_to_the_tls_listener() {
     let s = start("", "", ", https_redirect: true", "");
+    // Without a host to redirect to, refused rather than served in clear.
+    let resp = support::send_raw(s.gw.addr, b"GET /a HTTP/1.0\r\n\r\n");
+    assert_eq!(resp.assert_gateway_error(400), "bad_request");
     let resp = support::request(s.gw.addr, "POST", "api.test:8080", "/a/b?c=1", &[], b"x");
     assert_eq!(resp.status, 308);
     assert_eq!(
@@ -549,6 +561,11 @@ fn the_config_check_refuses_inconsistent_upstream_tls() {
         ),
         ("protocol: h3", "is not h1, h2 or h2c"),
         ("tls: {}", "needs the name to verify"),
+        ("tls: { sni: \"\" }", "needs the name to verify"),
+        (
+            "tls: { verify: false }, health_check: { interval: 1s }",
+            "needs an HTTP health check",
+        ),
         ("protocol: h2", "needs the name to verify"),
         (
             &*format!(

@@ -735,6 +735,16 @@ fn compile_upstream(
     let transport = compile_transport(spec, base, &at, errors).unwrap_or_default();
 
     let mut settings = None;
+    if let (Some(hc), Some(tls)) = (&spec.health_check, &transport.tls) {
+        // A TCP check over TLS is a handshake on a peer that carries no
+        // client certificate, and no TLS at all without a name.
+        if hc.http_path.is_none() && (tls.client.is_some() || tls.sni.is_empty()) {
+            errors.add(
+                format!("{at}.health_check.http_path"),
+                "a TLS upstream with a client certificate, or without sni, needs an HTTP health check (http_path)",
+            );
+        }
+    }
     if let Some(hc) = &spec.health_check {
         let h_at = format!("{at}.health_check");
         let interval = duration_at(errors, format!("{h_at}.interval"), &hc.interval);
@@ -1020,7 +1030,9 @@ fn compile_transport(
         let t_at = format!("{at}.tls");
         let verify = t.verify.unwrap_or(true);
         // The name to send and verify: given, or the targets' one host name.
-        let sni = t.sni.clone().or_else(|| {
+        // An empty name would turn verification off (Pingora verifies
+        // nothing without SNI): it counts as no name.
+        let sni = t.sni.clone().filter(|s| !s.is_empty()).or_else(|| {
             let hosts: std::collections::BTreeSet<&str> = spec
                 .targets
                 .iter()

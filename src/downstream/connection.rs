@@ -125,23 +125,50 @@ impl<A> LeanKeepalive<A> {
 
 impl<A: HttpServerApp> LeanKeepalive<A> {
     /// Whether this loop serves the connection: HTTP/1, over TLS or not.
-    /// HTTP/2 (by ALPN, or by prior knowledge on an `h2c` listener) goes
-    /// to Pingora's loop.
-    async fn serves(&self, stream: &mut Stream) -> bool {
-        if !matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
-            || self.inner.server_options().is_some_and(|o| o.force_custom)
-        {
-            return false;
+    /// HTTP/2 by ALPN goes to Pingora's loop (and h2c, see
+    /// [`read_preface`]).
+    fn serves(&self, stream: &Stream) -> bool {
+        matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
+            && !self.inner.server_options().is_some_and(|o| o.force_custom)
+    }
+}
+
+/// On an `h2c` listener: reads the connection's first bytes into the
+/// stash for as long as they could be the HTTP/2 preface. `Some(true)`:
+/// it is the preface; `Some(false)`: HTTP/1 (or silence), whose bytes
+/// stay in the stash for the loop; `None`: the client left. (Pingora's
+/// own peek reads exactly 24 bytes and loses them if fewer come: a short
+/// HTTP/1.0 request would wait out the idle timeout and then be dropped.)
+async fn read_preface(conn: &mut RequestStream, wait: Duration) -> Option<bool> {
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        let have = conn.stash.len().min(H2_PREFACE.len());
+        if conn.stash[..have] != H2_PREFACE[..have] {
+            return Some(false);
         }
-        if stream.get_ssl_digest().is_some() || !self.on_h2c_listener(stream) {
-            return true;
+        if have == H2_PREFACE.len() {
+            return Some(true);
         }
-        let wait = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
-        let mut preface = [0u8; H2_PREFACE.len()];
-        let peeked = tokio::time::timeout(wait, stream.try_peek(&mut preface)).await;
-        // Anything else (HTTP/1, silence, an error) is this loop's to
-        // answer or close.
-        !matches!(peeked, Ok(Ok(true)) if &preface == H2_PREFACE)
+        if conn.stash.capacity() == conn.stash.len() {
+            conn.stash.reserve(INITIAL_HEAD_BUFFER);
+        }
+        let read = poll_fn(|cx| {
+            let mut buf = ReadBuf::uninit(conn.stash.spare_capacity_mut());
+            match Pin::new(&mut conn.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        tokio::select! {
+            read = read => match read {
+                Ok(0) | Err(_) => return None,
+                // SAFETY: `n` bytes of the spare capacity were written.
+                Ok(n) => unsafe { conn.stash.set_len(conn.stash.len() + n) },
+            },
+            () = &mut deadline => return Some(false),
+        }
     }
 }
 
@@ -156,18 +183,31 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.connections.open();
-        let mut stream = stream;
-        if !self.serves(&mut stream).await {
+        if !self.serves(&stream) {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         // With keepalive off there is only a first request to wait for.
-        let mut idle = IdleTimer::new(self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT));
+        let wait = self.settings.idle_timeout.unwrap_or(FIRST_REQUEST_TIMEOUT);
+        let mut idle = IdleTimer::new(wait);
         let mut stopping = Stopping::new(shutdown);
         let mut carried: Option<HttpPersistentSettings> = None;
         let tls = stream.get_ssl_digest().is_some();
+        let h2c = !tls && self.on_h2c_listener(&stream);
         let mut conn = Box::new(RequestStream::new(stream));
         if tls {
             conn.gather_writes();
+        }
+        if h2c {
+            match Box::pin(read_preface(&mut conn, wait)).await {
+                // Pingora's HTTP/2 loop reads the preface back from the
+                // stash (the stream passes everything through from now on).
+                Some(true) => {
+                    conn.open_tunnel();
+                    return ServerApp::process_new(&self.inner, conn, shutdown).await;
+                }
+                Some(false) => {}
+                None => return None,
+            }
         }
         let mut limits = (0, Limits::default());
         loop {

@@ -103,8 +103,8 @@ impl RequestStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // An idle connection holds no write buffer.
-        *pending = Vec::new();
+        // Kept for the next response; `shrink` frees it when idle.
+        pending.clear();
         Poll::Ready(Ok(()))
     }
 
@@ -140,6 +140,11 @@ impl RequestStream {
     pub fn shrink(&mut self) {
         if self.stash.is_empty() && self.stash.capacity() > 0 {
             self.stash = BytesMut::new();
+        }
+        if let Some(pending) = self.pending.as_mut() {
+            if pending.is_empty() && pending.capacity() > 0 {
+                *pending = Vec::new();
+            }
         }
     }
 
@@ -294,21 +299,26 @@ impl AsyncWrite for RequestStream {
         let Some(pending) = this.pending.as_mut() else {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         };
-        if pending.len() + buf.len() <= TLS_RECORD {
+        // The first write (a response head) waits for the next one (the
+        // start of its body) or a flush; what follows goes out with it at
+        // once, so a body that trickles is not held back.
+        if pending.is_empty() && buf.len() < TLS_RECORD {
             pending.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
-        // A record's worth: out with what is gathered, then this one.
-        if this.poll_write_pending(cx)?.is_pending() {
-            return Poll::Pending;
+        let accepted = if pending.len() + buf.len() <= TLS_RECORD {
+            pending.extend_from_slice(buf);
+            buf.len()
+        } else {
+            0
+        };
+        match this.poll_write_pending(cx)? {
+            // Gathered bytes are written by the next write or flush.
+            Poll::Pending if accepted > 0 => Poll::Ready(Ok(accepted)),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) if accepted > 0 => Poll::Ready(Ok(accepted)),
+            Poll::Ready(()) => Pin::new(&mut this.inner).poll_write(cx, buf),
         }
-        if buf.len() < TLS_RECORD {
-            if let Some(pending) = this.pending.as_mut() {
-                pending.extend_from_slice(buf);
-            }
-            return Poll::Ready(Ok(buf.len()));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -245,11 +245,29 @@ fn writer(shared: &Shared) {
     }
 }
 
-/// Writes what is waiting in the running sink as the process exits.
+/// How long the exit handler waits for a writer busy on a slow sink.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Writes what is waiting in the running sink as the process exits. A
+/// writer stuck on a sink (a pipe nobody reads) must not hold the exit:
+/// after [`EXIT_WAIT`] the lines are given up.
 extern "C" fn flush_at_exit() {
     let sink = SINK.load();
-    if let Some(sink) = sink.as_ref() {
-        lock(&sink.shared.out).write_waiting(&sink.shared);
+    let Some(sink) = sink.as_ref() else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match sink.shared.out.try_lock() {
+            Ok(mut out) => return out.write_waiting(&sink.shared),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                return e.into_inner().write_waiting(&sink.shared)
+            }
+            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < EXIT_WAIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        }
     }
 }
 

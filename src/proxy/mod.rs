@@ -118,11 +118,17 @@ impl ProxyHttp for Gateway {
             }
             None => {
                 if let Some(port) = m.route.policy.https_redirect {
-                    if let Some(host) = request::request_host(session.req_header()) {
-                        let host = host.into_owned();
-                        respond::https_redirect(session, ctx, &host, port).await?;
+                    // Never served over plain HTTP: without a host to
+                    // redirect to, the request is refused.
+                    let Some(host) = request::request_host(session.req_header()) else {
+                        let error =
+                            GatewayError::BadRequest("a Host is needed to redirect to HTTPS");
+                        respond(session, ctx, error.into()).await?;
                         return Ok(true);
-                    }
+                    };
+                    let host = host.into_owned();
+                    respond::https_redirect(session, ctx, &host, port).await?;
+                    return Ok(true);
                 }
             }
         }

@@ -69,6 +69,16 @@ pub async fn respond(
     super::response::set_rate_headers(&mut resp, ctx)?;
     super::response::close_when_draining(session);
     // A gRPC error is "trailers only": one header block ending the stream.
+    // Pingora's session ignores "end" for HTTP/2 (it ends the stream later
+    // with an empty DATA frame, and gRPC clients then see headers but no
+    // trailers): the HTTP/2 session is told directly.
+    if grpc {
+        if let pingora::protocols::http::ServerSession::H2(h2) = session.downstream_session.as_mut()
+        {
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+            return h2.write_response_header(Box::new(resp), true);
+        }
+    }
     let head_only = grpc || session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only)

@@ -8,6 +8,10 @@ use pingora::upstreams::peer::{HttpPeer, PeerOptions};
 use pingora::utils::tls::CertKey;
 use std::sync::Arc;
 
+/// Concurrent requests on one HTTP/2 connection to a target (servers
+/// commonly allow 100 or more).
+const H2_STREAMS_PER_CONNECTION: usize = 100;
+
 /// An upstream's transport. Equal when compiled from the same settings
 /// (the files are compared by their contents' digest), so an unchanged
 /// upstream keeps its cluster across reloads.
@@ -98,6 +102,12 @@ impl Transport {
     /// their own peers from a template).
     pub fn apply(&self, options: &mut PeerOptions) {
         options.alpn = if self.h2 { ALPN::H2 } else { ALPN::H1 };
+        if self.h2 {
+            // Requests share an HTTP/2 connection (Pingora's default is one
+            // stream per connection: a connection, and a handshake, per
+            // concurrent request).
+            options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
         if let Some(tls) = &self.tls {
             options.verify_cert = tls.verify;
             options.verify_hostname = tls.verify;

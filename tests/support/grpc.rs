@@ -104,21 +104,31 @@ pub struct Reply {
     pub headers: http::HeaderMap,
     pub messages: Vec<Vec<u8>>,
     pub trailers: http::HeaderMap,
+    /// The response's headers ended the stream ("trailers-only").
+    pub trailers_only: bool,
 }
 
 impl Reply {
-    /// `grpc-status`, from the trailers or (trailers-only) the headers.
+    /// Where a gRPC client reads the status: the trailers, or the headers
+    /// of a trailers-only response (headers that ended the stream). In
+    /// headers followed by a body or an empty end, clients ignore it.
+    fn status_block(&self) -> &http::HeaderMap {
+        if self.trailers_only {
+            &self.headers
+        } else {
+            &self.trailers
+        }
+    }
+
     pub fn grpc_status(&self) -> Option<&str> {
-        self.trailers
+        self.status_block()
             .get("grpc-status")
-            .or_else(|| self.headers.get("grpc-status"))
             .and_then(|v| v.to_str().ok())
     }
 
     pub fn grpc_message(&self) -> Option<&str> {
-        self.trailers
+        self.status_block()
             .get("grpc-message")
-            .or_else(|| self.headers.get("grpc-message"))
             .and_then(|v| v.to_str().ok())
     }
 }
@@ -183,6 +193,7 @@ async fn call_async(
     reply.status = response.status().as_u16();
     reply.headers = response.headers().clone();
     let mut body = response.into_body();
+    reply.trailers_only = body.is_end_stream();
     if lockstep {
         for m in messages {
             send.send_data(frame(m), false).expect("send data");
