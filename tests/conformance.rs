@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::upstream::{Scripted, Upstream};
@@ -318,18 +318,8 @@ fn upgrades_happen_only_on_websocket_routes() {
         // the test about tollgate's rules, not that race.
         std::thread::sleep(Duration::from_millis(100));
         let _ = writer.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
-        // Echo the tunnel's bytes.
-        loop {
-            let Ok(buf) = reader.fill_buf() else {
-                return false;
-            };
-            if buf.is_empty() {
-                return false;
-            }
-            let n = buf.len();
-            let _ = writer.write_all(buf);
-            reader.consume(n);
-        }
+        support::upstream::echo_tunnel(reader, writer);
+        false
     });
     let gw = Gateway::start(&format!(
         "limits: {{ body_timeout: 1s }}\nupstreams:\n  ws: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: socket, path_prefix: /ws, upstream: ws, websocket: true, max_body_bytes: 1KiB }}\n  - {{ name: plain, path_prefix: /, upstream: ws }}\n",

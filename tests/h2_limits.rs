@@ -11,18 +11,14 @@ use support::upstream::Upstream;
 use support::{free_port, Gateway};
 
 fn start() -> (Gateway, SocketAddr, Upstream) {
-    let up = Upstream::start("a");
-    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let gw = Gateway::start_with_listeners(
-        &[],
-        "",
-        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
-        &format!(
-            "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
-            up.addr
-        ),
-    );
-    (gw, h2c, up)
+    start_with("")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -74,10 +70,7 @@ fn settings_bound_streams_and_headers_and_excess_streams_wait() {
 fn a_client_resetting_streams_as_fast_as_it_opens_them_is_cut_off() {
     let (gw, h2c, up) = start();
     let attempts = 20_000;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let sent = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
         let (client, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -158,10 +151,7 @@ async fn one_request(addr: SocketAddr) -> tokio::task::JoinHandle<Result<(), h2:
 #[test]
 fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
     let (_gw, h2c, _up) = start_with("keepalive_timeout_seconds: 1");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let conn = one_request(h2c).await;
         let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
@@ -175,10 +165,7 @@ fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
 #[test]
 fn a_stopping_gateway_sends_goaway_and_exits_without_waiting_out_its_grace() {
     let (mut gw, h2c, _up) = start_with("grace_period_seconds: 20");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let conn = one_request(h2c).await;
         gw.signal("TERM");

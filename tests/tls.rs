@@ -599,24 +599,8 @@ fn the_config_check_refuses_inconsistent_upstream_tls() {
 
 #[test]
 fn a_websocket_tunnel_works_over_tls() {
-    use std::io::{BufRead, Read};
-    let ws = support::upstream::Scripted::start(|_, _, reader, writer| {
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = writer.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-        );
-        loop {
-            let Ok(buf) = reader.fill_buf() else {
-                return false;
-            };
-            if buf.is_empty() {
-                return false;
-            }
-            let n = buf.len();
-            let _ = writer.write_all(buf);
-            reader.consume(n);
-        }
-    });
+    use std::io::Read;
+    let ws = support::upstream::Scripted::websocket_echo();
     let pki = Pki::new();
     pki.issue("api", &["api.test"], (-1, 90), 10);
     pki.issue("shop", &["*.shop.test", "shop.test"], (-1, 90), 11);

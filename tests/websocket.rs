@@ -3,32 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, Write};
 use std::time::Duration;
 use support::upstream::Scripted;
 use support::{Connection, Gateway};
-
-/// Answers an upgrade with 101, then echoes the tunnel's bytes.
-fn echo_upstream() -> Scripted {
-    Scripted::start(|_, _, reader, writer| {
-        // See conformance.rs: a real server takes a moment to answer.
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = writer.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-        );
-        loop {
-            let Ok(buf) = reader.fill_buf() else {
-                return false;
-            };
-            if buf.is_empty() {
-                return false;
-            }
-            let n = buf.len();
-            let _ = writer.write_all(buf);
-            reader.consume(n);
-        }
-    })
-}
 
 fn config(ws: &Scripted, route_extra: &str, generation: u32) -> String {
     format!(
@@ -47,7 +24,7 @@ fn open_tunnel(gw: &Gateway) -> Connection {
 
 #[test]
 fn a_tunnel_idles_past_the_upstream_read_timeout_and_survives_a_reload() {
-    let ws = echo_upstream();
+    let ws = Scripted::websocket_echo();
     let gw = Gateway::start(&config(&ws, "", 0));
     let mut conn = open_tunnel(&gw);
     conn.send_raw(b"hello");
@@ -65,7 +42,7 @@ fn a_tunnel_idles_past_the_upstream_read_timeout_and_survives_a_reload() {
 
 #[test]
 fn a_silent_tunnel_closes_after_websocket_idle_timeout() {
-    let ws = echo_upstream();
+    let ws = Scripted::websocket_echo();
     let gw = Gateway::start(&config(&ws, ", websocket_idle_timeout: 1s", 0));
     let mut conn = open_tunnel(&gw);
     conn.send_raw(b"hello");

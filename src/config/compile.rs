@@ -1062,17 +1062,14 @@ fn compile_transport(
         let mut digest = Sha256::new();
         let ca = t.ca_file.as_deref().and_then(|f| {
             let file = path(f);
-            digest.update(std::fs::read(&file).unwrap_or_default());
-            load_ca(&file)
+            load_ca(&file, &mut |bytes| digest.update(bytes))
                 .map_err(|e| errors.add(format!("{t_at}.ca_file"), e))
                 .ok()
         });
         let client = match (&t.client_cert, &t.client_key) {
             (Some(cert), Some(key)) => {
                 let (cert, key) = (path(cert), path(key));
-                digest.update(std::fs::read(&cert).unwrap_or_default());
-                digest.update(std::fs::read(&key).unwrap_or_default());
-                load_client(&cert, &key)
+                load_client(&cert, &key, &mut |bytes| digest.update(bytes))
                     .map_err(|e| errors.add(format!("{t_at}.client_cert"), e))
                     .ok()
             }

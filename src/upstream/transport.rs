@@ -116,9 +116,11 @@ impl Transport {
     }
 }
 
-/// Reads a PEM bundle of trusted certificates.
-pub fn load_ca(path: &str) -> Result<Box<[X509]>, String> {
+/// Reads a PEM bundle of trusted certificates; `seen` gets the file's
+/// bytes (the transport's fingerprint).
+pub fn load_ca(path: &str, seen: &mut impl FnMut(&[u8])) -> Result<Box<[X509]>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    seen(&pem);
     let certs = X509::stack_from_pem(&pem).map_err(|e| format!("{path} is not PEM: {e}"))?;
     if certs.is_empty() {
         return Err(format!("{path} holds no certificate"));
@@ -126,14 +128,17 @@ pub fn load_ca(path: &str) -> Result<Box<[X509]>, String> {
     Ok(certs.into_boxed_slice())
 }
 
-/// Reads a client certificate chain and its key.
-pub fn load_client(cert: &str, key: &str) -> Result<CertKey, String> {
+/// Reads a client certificate chain and its key; `seen` gets both files'
+/// bytes.
+pub fn load_client(cert: &str, key: &str, seen: &mut impl FnMut(&[u8])) -> Result<CertKey, String> {
     let pem = std::fs::read(cert).map_err(|e| format!("cannot read {cert}: {e}"))?;
+    seen(&pem);
     let chain = X509::stack_from_pem(&pem).map_err(|e| format!("{cert} is not PEM: {e}"))?;
     let leaf = chain
         .first()
         .ok_or_else(|| format!("{cert} holds no certificate"))?;
     let key_pem = std::fs::read(key).map_err(|e| format!("cannot read {key}: {e}"))?;
+    seen(&key_pem);
     let key_value = pingora::tls::pkey::PKey::private_key_from_pem(&key_pem)
         .map_err(|e| format!("{key} is not a PEM private key: {e}"))?;
     if !leaf.public_key().is_ok_and(|p| p.public_eq(&key_value)) {

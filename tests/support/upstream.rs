@@ -184,6 +184,22 @@ pub type Script = dyn Fn(&super::http::Head, &[u8], &mut std::io::BufReader<TcpS
 /// An upstream whose answers a test writes byte by byte: for responses a
 /// well-behaved server would never send (bad statuses, hop-by-hop
 /// headers, interim responses, upgrades).
+/// Echoes a tunnel's bytes until the client closes it.
+pub fn echo_tunnel(reader: &mut std::io::BufReader<TcpStream>, writer: &mut TcpStream) {
+    use std::io::BufRead;
+    loop {
+        let Ok(buf) = reader.fill_buf() else {
+            return;
+        };
+        if buf.is_empty() {
+            return;
+        }
+        let n = buf.len();
+        let _ = writer.write_all(buf);
+        reader.consume(n);
+    }
+}
+
 pub struct Scripted {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
@@ -191,6 +207,22 @@ pub struct Scripted {
 }
 
 impl Scripted {
+    /// A WebSocket server: answers every request with 101 (after a pause:
+    /// Pingora 0.9.1 can take the end of a bodyless upgrade request that
+    /// reaches the upstream side after the 101 for the end of the tunnel;
+    /// a real server takes longer than this to answer), then echoes the
+    /// tunnel's bytes.
+    pub fn websocket_echo() -> Scripted {
+        Scripted::start(|_, _, reader, writer| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let _ = writer.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            echo_tunnel(reader, writer);
+            false
+        })
+    }
+
     pub fn start(
         script: impl Fn(
                 &super::http::Head,
