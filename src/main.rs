@@ -4,7 +4,6 @@
 //! `-u` (take over the listeners of a running instance) keep their Pingora
 //! meaning.
 
-use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
@@ -103,9 +102,7 @@ fn main() -> ExitCode {
     let bootstrap = server.bootstrap_as_a_service();
     let store = Arc::new(store);
 
-    let mut proxy =
-        pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
-    proxy.server_options = Some(http_server_options(&snapshot, store.server()));
+    let proxy = pingora::proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&store)));
     let connections = Arc::new(ConnectionGauge::default());
     let mut proxy = Service::new(
         "tollgate".to_owned(),
@@ -213,23 +210,6 @@ fn tls_settings(
         _ => ALPN::H1,
     });
     Ok(settings)
-}
-
-/// Pingora's HTTP server options: h2c where a listener asks for it (the
-/// connection loop sends only those listeners' connections this way), and
-/// the client keepalive timeout for idle HTTP/2 connections too.
-fn http_server_options(
-    snapshot: &tollgate::snapshot::Snapshot,
-    s: &ServerSection,
-) -> HttpServerOptions {
-    let mut options = HttpServerOptions::default();
-    options.h2c = snapshot.listeners.iter().any(|l| l.h2c);
-    // With keepalive off, an HTTP/2 connection still carries concurrent
-    // streams: it closes after the keepalive default idle time instead.
-    options.h2_idle_timeout = keepalive(s)
-        .idle_timeout
-        .or(Some(Duration::from_secs(DEFAULT_KEEPALIVE_SECONDS)));
-    options
 }
 
 fn listen_list(addrs: &[std::net::SocketAddr]) -> String {

@@ -181,3 +181,236 @@ fn a_stopping_gateway_sends_goaway_and_exits_without_waiting_out_its_grace() {
         "the gateway waited for its 20 s grace with no connection left"
     );
 }
+
+/// Sends GETs one after another on one connection until one fails;
+/// returns how many were answered and the connection's task.
+async fn requests_until_refused(
+    addr: SocketAddr,
+    tries: usize,
+) -> (usize, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut answered = 0;
+    for i in 0..tries {
+        let Ok(Ok(ready)) = tokio::time::timeout(Duration::from_secs(5), client.ready()).await
+        else {
+            break;
+        };
+        client = ready;
+        let req = http::Request::get(format!("http://h/n/{i}"))
+            .body(())
+            .unwrap();
+        let Ok((response, _)) = client.send_request(req, true) else {
+            break;
+        };
+        match tokio::time::timeout(Duration::from_secs(5), response).await {
+            Ok(Ok(r)) if r.status() == 200 => answered += 1,
+            _ => break,
+        }
+    }
+    (answered, conn)
+}
+
+#[test]
+fn an_http2_connection_carries_at_most_the_keepalive_request_limit() {
+    let (gw, h2c, up) = start_with("keepalive_request_limit: 3");
+    let rt = runtime();
+    rt.block_on(async {
+        let (answered, conn) = requests_until_refused(h2c, 6).await;
+        assert_eq!(answered, 3, "requests answered on one connection");
+        // The server closes the connection (GOAWAY, then the socket).
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        assert!(closed.is_ok(), "the connection stayed open past its limit");
+        // A new connection gets its own three.
+        let (answered, _conn) = requests_until_refused(h2c, 2).await;
+        assert_eq!(answered, 2);
+    });
+    assert_eq!(up.hits(), 5);
+    assert_eq!(gw.get("h", "/after").status, 200);
+}
+
+/// A gateway on an h2c listener with `limits.body_timeout` and an access
+/// log; returns the log's path too.
+fn start_with_body_timeout(timeout: &str) -> (Gateway, SocketAddr, Upstream, std::path::PathBuf) {
+    let up = Upstream::start("a");
+    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = support::scratch_dir("h2-log").join("access.log");
+    let gw = Gateway::start_with_listeners(
+        &[],
+        "",
+        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
+        &format!(
+            "limits: {{ body_timeout: {timeout} }}\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            log.display(),
+            up.addr
+        ),
+    );
+    (gw, h2c, up, log)
+}
+
+#[test]
+fn an_http2_request_body_that_stops_arriving_is_reset_and_logged_as_408() {
+    let (gw, h2c, up, log) = start_with_body_timeout("1s");
+    let rt = runtime();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let _conn = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post("http://h/upload").body(()).unwrap();
+        let (response, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"abc"), false)
+            .unwrap();
+        // ...and nothing more: the stream is reset by the gateway.
+        let outcome = tokio::time::timeout(Duration::from_secs(15), response)
+            .await
+            .expect("the stalled stream was neither answered nor reset");
+        let error = outcome.expect_err("a stalled body got an answer");
+        assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error:?}");
+
+        // The connection itself is still good.
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client
+            .send_request(http::Request::get("http://h/next").body(()).unwrap(), true)
+            .unwrap();
+        assert_eq!(response.await.unwrap().status(), 200);
+    });
+    // The upstream never got a whole request from the stalled client.
+    assert_eq!(up.hits(), 1);
+    let line = wait_for_line(&gw, &log, "/upload");
+    assert_eq!(line["status"], 408, "{line}");
+    assert_eq!(line["error"], "request_timeout", "{line}");
+    assert_eq!(line["route"], "all", "{line}");
+    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    assert_eq!(line["method"], "POST", "{line}");
+    assert_eq!(line["bytes_in"], 3, "{line}");
+}
+
+#[test]
+fn an_http2_request_body_that_keeps_moving_is_not_cut_by_the_body_timeout() {
+    // Each piece comes well within the timeout; the whole body takes
+    // longer than it.
+    let (_gw, h2c, up, _log) = start_with_body_timeout("2s");
+    let rt = runtime();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let _conn = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post("http://h/slow").body(()).unwrap();
+        let (response, mut body) = client.send_request(req, false).unwrap();
+        for _ in 0..8 {
+            body.send_data(bytes::Bytes::from_static(b"0123456789"), false)
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        body.send_data(bytes::Bytes::from_static(b"end"), true)
+            .unwrap();
+        let json = response_json(response).await;
+        assert_eq!(json["body_len"], 83, "{json}");
+    });
+    assert_eq!(up.hits(), 1);
+}
+
+/// Many HTTP/2 clients end a body of unknown length with an empty DATA
+/// frame. Passed on as an empty chunk, that ended the chunked body to an
+/// HTTP/1 upstream early, and the real end then looked like the start of
+/// another request on the upstream connection.
+#[test]
+fn an_http2_body_ended_by_an_empty_data_frame_is_one_request_upstream() {
+    let (_gw, h2c, up, _log) = start_with_body_timeout("30s");
+    let rt = runtime();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let _conn = tokio::spawn(conn);
+        for i in 0..3 {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::post(format!("http://h/post/{i}"))
+                .body(())
+                .unwrap();
+            let (response, mut body) = client.send_request(req, false).unwrap();
+            body.send_data(bytes::Bytes::from_static(b"payload"), false)
+                .unwrap();
+            body.send_data(bytes::Bytes::new(), true).unwrap();
+            let json = response_json(response).await;
+            // Each answer is its own request's, not a stale one.
+            assert_eq!(json["target"], format!("/post/{i}"), "{json}");
+            assert_eq!(json["body"], "payload", "{json}");
+        }
+    });
+    assert_eq!(up.hits(), 3, "the upstream saw requests nobody sent");
+}
+
+async fn response_json(response: h2::client::ResponseFuture) -> serde_json::Value {
+    let response = tokio::time::timeout(Duration::from_secs(15), response)
+        .await
+        .expect("no answer")
+        .expect("stream failed");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    serde_json::from_slice(&text).unwrap()
+}
+
+/// The access log line for `path`, once it is written.
+fn wait_for_line(gw: &Gateway, log: &std::path::Path, path: &str) -> serde_json::Value {
+    let mut found = None;
+    gw.wait_until("the access log has the request", || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["path"] == path);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// A head that never ends (a HEADERS frame without END_HEADERS), either
+/// stalled or trickled in CONTINUATION frames: slowloris over HTTP/2. A
+/// stalled head is a connection without a request in flight, closed after
+/// the keepalive timeout; a trickled one runs into the codec's bound on
+/// CONTINUATION frames.
+#[test]
+fn an_http2_head_that_never_ends_does_not_hold_its_connection() {
+    let (_gw, h2c, _up) = start_with("keepalive_timeout_seconds: 1");
+    for trickle in [false, true] {
+        assert!(
+            closed_while_sending_a_head(h2c, trickle),
+            "a connection stuck in a head (trickled: {trickle}) stayed open for 15 s"
+        );
+    }
+}
+
+fn closed_while_sending_a_head(h2c: SocketAddr, trickle: bool) -> bool {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(h2c).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+    // HEADERS on stream 1, flags 0: more of the block is to follow.
+    hello.extend_from_slice(&[0, 0, 2, 1, 0, 0, 0, 0, 1, 0x82, 0x86]);
+    tcp.write_all(&hello).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(15) {
+        match tcp.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // One more byte of the head (a CONTINUATION frame).
+                if trickle && tcp.write_all(&[0, 0, 1, 9, 0, 0, 0, 0, 1, 0x84]).is_err() {
+                    return true;
+                }
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}

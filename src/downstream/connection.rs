@@ -39,6 +39,10 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// keepalive is off (Pingora's own read timeout).
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long an HTTP/2 connection may sit idle when keepalive is off
+/// (Pingora's HTTP/1 default, as for `keepalive_timeout_seconds`).
+const H2_IDLE_WITHOUT_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// How long a client connection may sit idle before and between requests,
 /// and how many requests it may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +58,8 @@ pub struct KeepaliveSettings {
 
 /// Wraps an HTTP application (tollgate's proxy) as the listening service's
 /// application, taking over Pingora's HTTP/1 connection loop (plain and
-/// TLS). HTTP/2 and custom protocols go to Pingora's own loop.
+/// TLS) and its HTTP/2 loop ([`super::h2`]). Custom protocols go to
+/// Pingora.
 pub struct LeanKeepalive<A> {
     inner: Arc<A>,
     settings: KeepaliveSettings,
@@ -86,6 +91,18 @@ impl<A> LeanKeepalive<A> {
         match self.settings.idle_timeout {
             None => Some(0),
             Some(_) => self.settings.request_limit.map(|n| n.saturating_sub(1)),
+        }
+    }
+
+    /// An HTTP/2 connection carries concurrent streams even with keepalive
+    /// off, so it closes after the default idle time instead.
+    fn h2_settings(&self) -> super::h2::H2Settings {
+        super::h2::H2Settings {
+            idle_timeout: self
+                .settings
+                .idle_timeout
+                .unwrap_or(H2_IDLE_WITHOUT_KEEPALIVE),
+            request_limit: self.settings.request_limit,
         }
     }
 
@@ -125,8 +142,8 @@ impl<A> LeanKeepalive<A> {
 
 impl<A: HttpServerApp> LeanKeepalive<A> {
     /// Whether this loop serves the connection: HTTP/1, over TLS or not.
-    /// HTTP/2 by ALPN goes to Pingora's loop (and h2c, see
-    /// [`read_preface`]).
+    /// HTTP/2 (by ALPN, and h2c, see [`read_preface`]) goes to
+    /// [`super::h2`]; custom protocols to Pingora.
     fn serves(&self, stream: &Stream) -> bool {
         matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
             && !self.inner.server_options().is_some_and(|o| o.force_custom)
@@ -183,6 +200,18 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.connections.open();
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // Boxed: an idle HTTP/1 connection's future would carry it too.
+            Box::pin(super::h2::serve(
+                &self.inner,
+                stream,
+                shutdown,
+                self.h2_settings(),
+                &self.limits,
+            ))
+            .await;
+            return None;
+        }
         if !self.serves(&stream) {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
@@ -199,11 +228,20 @@ where
         }
         if h2c {
             match Box::pin(read_preface(&mut conn, wait)).await {
-                // Pingora's HTTP/2 loop reads the preface back from the
-                // stash (the stream passes everything through from now on).
+                // The HTTP/2 loop reads the preface back from the stash
+                // (the stream passes everything through from now on).
                 Some(true) => {
                     conn.open_tunnel();
-                    return ServerApp::process_new(&self.inner, conn, shutdown).await;
+                    let settings = self.h2_settings();
+                    Box::pin(super::h2::serve(
+                        &self.inner,
+                        conn,
+                        shutdown,
+                        settings,
+                        &self.limits,
+                    ))
+                    .await;
+                    return None;
                 }
                 Some(false) => {}
                 None => return None,

@@ -4,6 +4,7 @@
 //!
 //! - [`connection`]: the loop; idle connections hold no request state.
 //! - [`drain`]: what a stopping process does with its clients.
+//! - [`h2`]: the HTTP/2 loop: request limit and body deadlines per stream.
 //! - [`head`]: the head's limits, request line, `Host` and framing rules.
 //! - [`framing`]: where a message's body ends (length or chunked).
 //! - [`stream`]: the connection as Pingora sees it, one message at a time,
@@ -12,6 +13,7 @@
 pub mod connection;
 pub mod drain;
 pub mod framing;
+pub mod h2;
 pub mod head;
 pub mod stream;
 pub mod tls;

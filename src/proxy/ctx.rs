@@ -29,6 +29,17 @@ pub struct RequestCtx {
     pub slots: Slots,
     /// Counts the request in `tollgate_inflight_requests` while it lives.
     pub in_progress: Option<crate::observe::metrics::InFlightRequest>,
+    /// The logging phase ran. A context dropped without it belongs to a
+    /// request whose task was ended from outside (an HTTP/2 body timeout).
+    pub logged: bool,
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if !self.logged {
+            super::record_abandoned(self);
+        }
+    }
 }
 
 /// A request's places under `max_inflight` limits, given back as the
@@ -72,6 +83,7 @@ impl RequestCtx {
             rate: None,
             slots: Slots::default(),
             in_progress: None,
+            logged: false,
         }
     }
 }

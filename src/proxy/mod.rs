@@ -43,6 +43,103 @@ pub struct Gateway {
     store: Arc<ConfigStore>,
 }
 
+/// What the access log takes from the request and its answer (the rest
+/// comes from its context).
+pub(crate) struct Head<'a> {
+    pub method: &'a str,
+    pub protocol: &'static str,
+    pub host: &'a [u8],
+    pub path: &'a [u8],
+    pub status: u16,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+}
+
+/// Counts a finished request in the metrics and writes its access log line
+/// (and the slow-request warning).
+pub(crate) fn record(ctx: &mut RequestCtx, head: &Head, outcome: Option<GatewayError>) {
+    let upstream_addr = ctx.attempt.target.take().and_then(|(index, _)| {
+        let m = ctx.matched.as_ref()?;
+        m.cluster.targets.get(index).map(|t| t.addr)
+    });
+    let latency = ctx.timing.start.map(|t| t.elapsed()).unwrap_or_default();
+    let status = head.status;
+    match &ctx.matched {
+        Some(m) => {
+            m.route.metrics.answered(status, latency.as_secs_f64());
+            if let Some(upstream) = ctx.timing.upstream_latency {
+                m.cluster.metrics.answered(upstream.as_secs_f64());
+            }
+            match outcome {
+                Some(GatewayError::RateLimited) => m.route.metrics.rate_limited(),
+                Some(e) => {
+                    if let Some(reason) = crate::auth::failure_reason(e) {
+                        m.route.metrics.auth_failure(reason);
+                    }
+                }
+                None => {}
+            }
+        }
+        None => metrics::answered_unrouted(status),
+    }
+    let slow = ctx.timing.slow_after.is_some_and(|limit| latency > limit);
+    if !access_log::enabled() && !slow {
+        return;
+    }
+    let error = outcome.map(GatewayError::code);
+    let entry = access_log::Entry {
+        request_id: ctx.id.value.as_bytes(),
+        client_ip: ctx.client.ip,
+        method: head.method,
+        protocol: head.protocol,
+        host: head.host,
+        path: head.path,
+        status,
+        route: ctx.matched.as_ref().map_or("", |m| m.route.name.as_str()),
+        upstream: ctx.matched.as_ref().map_or("", |m| m.cluster.name.as_str()),
+        route_fields: ctx.matched.as_ref().map_or(&[], |m| &m.route.log_names),
+        upstream_addr,
+        latency,
+        upstream_latency: ctx.timing.upstream_latency,
+        bytes_in: head.bytes_in,
+        bytes_out: head.bytes_out,
+        consumer: ctx.client.identity.as_ref().map(|i| i.name()),
+        error,
+        retries: ctx.attempt.failures,
+    };
+    if slow {
+        log::warn!(
+            "slow request: {} ms, {} {} route {:?} status {} id {}",
+            latency.as_millis(),
+            entry.method,
+            String::from_utf8_lossy(entry.path),
+            entry.route,
+            status,
+            ctx.id.as_str()
+        );
+    }
+    if access_log::enabled() {
+        access_log::log(&entry);
+    }
+}
+
+/// Logs a request whose HTTP/2 stream was reset because its body stopped
+/// arriving: 408, as HTTP/1 answers it (see `downstream::h2`).
+pub(crate) fn record_abandoned(ctx: &mut RequestCtx) {
+    crate::downstream::h2::abandoned(|head| {
+        let head = Head {
+            method: head.method.as_str(),
+            protocol: access_log::protocol(http::Version::HTTP_2),
+            host: head.host,
+            path: head.path,
+            status: GatewayError::RequestTimeout.status(),
+            bytes_in: head.bytes_in,
+            bytes_out: 0,
+        };
+        record(ctx, &head, Some(GatewayError::RequestTimeout));
+    });
+}
+
 impl Gateway {
     pub fn new(store: Arc<ConfigStore>) -> Self {
         Gateway { store }
@@ -161,9 +258,21 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Pingora times HTTP/1 body reads itself; HTTP/2 streams keep a
+        // clock of their own (a no-op for HTTP/1).
+        crate::downstream::h2::body_progress(body.as_ref().map_or(0, Bytes::len), end_of_stream);
+        // An HTTP/2 body may end with an empty DATA frame. Pingora passes
+        // it on as an empty last piece, which its chunked writer to an
+        // HTTP/1 upstream turns into a terminating chunk, and then ends
+        // the body with a second one: the upstream reads that as the start
+        // of another request, and the pooled connection answers the next
+        // request with a stale response. Nothing to write is no piece.
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
+            *body = None;
+        }
         // A tunnel's traffic is not a body; a retry replays bytes already
         // counted, so the count is what was read from the client.
         if body.is_none() || session.was_upgraded() {
@@ -403,40 +512,10 @@ impl ProxyHttp for Gateway {
     /// Runs once per request, whatever happened.
     /// The access log line and the slow-request warning.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let upstream_addr = ctx.attempt.target.take().and_then(|(index, _)| {
-            let m = ctx.matched.as_ref()?;
-            m.cluster.targets.get(index).map(|t| t.addr)
-        });
-        let latency = ctx.timing.start.map(|t| t.elapsed()).unwrap_or_default();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        ctx.logged = true;
         let outcome = ctx.outcome.or_else(|| e.and_then(classify));
-        match &ctx.matched {
-            Some(m) => {
-                m.route.metrics.answered(status, latency.as_secs_f64());
-                if let Some(upstream) = ctx.timing.upstream_latency {
-                    m.cluster.metrics.answered(upstream.as_secs_f64());
-                }
-                match outcome {
-                    Some(GatewayError::RateLimited) => m.route.metrics.rate_limited(),
-                    Some(e) => {
-                        if let Some(reason) = crate::auth::failure_reason(e) {
-                            m.route.metrics.auth_failure(reason);
-                        }
-                    }
-                    None => {}
-                }
-            }
-            None => metrics::answered_unrouted(status),
-        }
-        let slow = ctx.timing.slow_after.is_some_and(|limit| latency > limit);
-        if !access_log::enabled() && !slow {
-            return;
-        }
         let req = session.req_header();
-        let error = outcome.map(GatewayError::code);
-        let entry = access_log::Entry {
-            request_id: ctx.id.value.as_bytes(),
-            client_ip: ctx.client.ip,
+        let head = Head {
             method: req.method.as_str(),
             protocol: access_log::protocol(req.version),
             host: req
@@ -444,33 +523,11 @@ impl ProxyHttp for Gateway {
                 .get(http::header::HOST)
                 .map_or(b"", |h| h.as_bytes()),
             path: req.uri.path().as_bytes(),
-            status,
-            route: ctx.matched.as_ref().map_or("", |m| m.route.name.as_str()),
-            upstream: ctx.matched.as_ref().map_or("", |m| m.cluster.name.as_str()),
-            route_fields: ctx.matched.as_ref().map_or(&[], |m| &m.route.log_names),
-            upstream_addr,
-            latency,
-            upstream_latency: ctx.timing.upstream_latency,
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
-            consumer: ctx.client.identity.as_ref().map(|i| i.name()),
-            error,
-            retries: ctx.attempt.failures,
         };
-        if slow {
-            log::warn!(
-                "slow request: {} ms, {} {} route {:?} status {} id {}",
-                latency.as_millis(),
-                entry.method,
-                String::from_utf8_lossy(entry.path),
-                entry.route,
-                status,
-                ctx.id.as_str()
-            );
-        }
-        if access_log::enabled() {
-            access_log::log(&entry);
-        }
+        record(ctx, &head, outcome);
     }
 
     /// Gateway-made errors (404s, client disconnects) are outcomes, not
