@@ -267,9 +267,10 @@ impl ProxyHttp for Gateway {
         // An HTTP/2 body may end with an empty DATA frame. Pingora passes
         // it on as an empty last piece, which its chunked writer to an
         // HTTP/1 upstream turns into a terminating chunk, and then ends
-        // the body with a second one: the upstream reads that as the start
-        // of another request, and the pooled connection answers the next
-        // request with a stale response. Nothing to write is no piece.
+        // the body with a second one: the upstream reads that as another
+        // request, and its reply (an error, usually) may be taken from the
+        // pooled connection as the answer to the next request sent on it.
+        // Nothing to write is no piece.
         if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
             *body = None;
         }
