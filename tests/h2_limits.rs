@@ -394,7 +394,7 @@ fn closed_while_sending_a_head(h2c: SocketAddr, trickle: bool) -> bool {
         .unwrap();
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
-    // HEADERS on stream 1, flags 0: more of the block is to follow.
+                                                           // HEADERS on stream 1, flags 0: more of the block is to follow.
     hello.extend_from_slice(&[0, 0, 2, 1, 0, 0, 0, 0, 1, 0x82, 0x86]);
     tcp.write_all(&hello).unwrap();
     let started = std::time::Instant::now();
@@ -403,7 +403,12 @@ fn closed_while_sending_a_head(h2c: SocketAddr, trickle: bool) -> bool {
         match tcp.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 // One more byte of the head (a CONTINUATION frame).
                 if trickle && tcp.write_all(&[0, 0, 1, 9, 0, 0, 0, 0, 1, 0x84]).is_err() {
                     return true;
@@ -413,4 +418,70 @@ fn closed_while_sending_a_head(h2c: SocketAddr, trickle: bool) -> bool {
         }
     }
     false
+}
+
+/// A client past its request limit that never answers the PING behind the
+/// first GOAWAY, so the final GOAWAY never comes, and goes on opening
+/// streams: it is cut off instead of being served on and on.
+#[test]
+fn a_client_ignoring_goaway_cannot_go_past_its_request_limit() {
+    use std::io::{Read, Write};
+    let (_gw, h2c, up) = start_with("keepalive_request_limit: 3");
+    let mut tcp = std::net::TcpStream::connect(h2c).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: a large stream window; then a large connection window, so
+    // that unread response bodies never hold streams open.
+    hello.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    hello.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0x7f, 0xff, 0, 0]);
+    tcp.write_all(&hello).unwrap();
+    let mut next_stream: u32 = 1;
+    let mut answered = 0;
+    let mut closed = false;
+    'batches: for _ in 0..20 {
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            // HEADERS, END_STREAM | END_HEADERS: GET http://h/ (HPACK:
+            // indexed :method GET, :scheme http, :path /; :authority h).
+            batch.extend_from_slice(&[0, 0, 6, 1, 5]);
+            batch.extend_from_slice(&next_stream.to_be_bytes());
+            batch.extend_from_slice(&[0x82, 0x86, 0x84, 0x01, 0x01, b'h']);
+            next_stream += 2;
+        }
+        if tcp.write_all(&batch).is_err() {
+            closed = true;
+            break;
+        }
+        let mut seen = 0;
+        while seen < 20 {
+            let mut head = [0u8; 9];
+            if tcp.read_exact(&mut head).is_err() {
+                closed = true;
+                break 'batches;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if tcp.read_exact(&mut payload).is_err() {
+                closed = true;
+                break 'batches;
+            }
+            match (head[3], head[4]) {
+                // The server's SETTINGS: acknowledged (its PINGs are not).
+                (4, 0) => tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).unwrap(),
+                // A response head, or a stream refused.
+                (1, _) | (3, _) => {
+                    seen += 1;
+                    answered += usize::from(head[3] == 1);
+                }
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "answered {answered} of {} streams; closed: {closed}",
+        next_stream / 2
+    );
+    assert!(closed, "the connection was still serving after 400 streams");
+    assert!(answered >= 3 && answered < 400, "answered {answered}");
+    assert!(up.hits() < 400);
 }

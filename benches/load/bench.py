@@ -377,8 +377,8 @@ def tollgate_config(name: str, routes: int, auth: Optional[str] = None, limit: O
     else:
         for i in range(routes):
             lines.append(f"  - {{ name: r{i}, path_prefix: /api/r{i}, upstream: backend }}")
-    # BENCH_TLS=1 (instructions.sh): the listener terminates TLS.
-    if tls or os.environ.get("BENCH_TLS") == "1":
+    # BENCH_TLS=1 / BENCH_H2=1 (instructions.sh): the listener terminates TLS.
+    if tls or os.environ.get("BENCH_TLS") == "1" or os.environ.get("BENCH_H2") == "1":
         cert, key = bench_certificate()
         lines[lines.index(f'listen: ["{PROXY[0]}:{PROXY[1]}"]')] = (
             f'listen: [{{ address: "{PROXY[0]}:{PROXY[1]}", tls: {{ certificates: [{{ cert: "{cert}", key: "{key}" }}] }} }}]')

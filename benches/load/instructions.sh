@@ -18,6 +18,7 @@
 #   BENCH_ACCESS_LOG=1 benches/load/instructions.sh tollgate (the access log to a file)
 #   BENCH_AUTH=jwt BENCH_LIMIT=local BENCH_ACCESS_LOG=1 ... (the full chain)
 #   BENCH_TLS=1 benches/load/instructions.sh tollgate         (HTTPS keepalive: the listener terminates TLS)
+#   BENCH_H2=1 benches/load/instructions.sh tollgate          (HTTP/2 over TLS: 4 connections, 4 streams each)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 raw=benches/results/raw
@@ -62,8 +63,13 @@ count() {
   if [ "${BENCH_TLS:-}" = 1 ]; then
     url=https://127.0.0.1:18080/api/bench
     tls=(--insecure)
+  elif [ "${BENCH_H2:-}" = 1 ]; then
+    url=https://127.0.0.1:18080/api/bench
+    tls=(--insecure --http2 -p 4)
   fi
-  benches/.tools/bin/oha -n "$n" -c 16 --no-tui --output-format json "${tls[@]}" "${auth[@]}" "$url" > "$raw/callgrind-oha-$n.json"
+  local conns=16
+  [ "${BENCH_H2:-}" = 1 ] && conns=4
+  benches/.tools/bin/oha -n "$n" -c "$conns" --no-tui --output-format json "${tls[@]}" "${auth[@]}" "$url" > "$raw/callgrind-oha-$n.json"
   kill -INT $proxy
   wait $proxy 2>/dev/null || true
   grep -h '^summary:' "$out" | awk '{print $2}'

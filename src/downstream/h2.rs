@@ -36,6 +36,11 @@ use tokio::sync::Notify;
 /// function leaves to the caller's loop.
 const MALFORMED_STREAM_BUDGET: usize = 32;
 
+/// Streams a client may still open once told to stop at its request limit:
+/// those in flight before it saw the GOAWAY (at most the 100 concurrent
+/// streams it may have, with room to spare).
+const GOAWAY_ALLOWANCE: u32 = 200;
+
 /// What an HTTP/2 connection may do.
 #[derive(Debug, Clone, Copy)]
 pub struct H2Settings {
@@ -76,24 +81,20 @@ pub async fn serve<A>(
     let mut malformed = 0usize;
     let mut current = (0, Limits::default());
     loop {
-        let next = if closing {
-            // After GOAWAY: streams the client opened before it saw it are
-            // still accepted, and driving the connection flushes the
-            // final GOAWAY once they are done.
-            HttpSession::from_h2_conn(&mut conn, Arc::clone(&digest)).await
-        } else {
-            tokio::select! {
-                biased;
-                _ = stop.changed() => {
-                    conn.graceful_shutdown();
-                    closing = true;
-                    continue;
-                }
-                next = HttpSession::from_h2_conn(&mut conn, Arc::clone(&digest)) => next,
-                // Idle with nothing in flight: dropping the connection closes
-                // it at once (a graceful close could wait on a dead peer).
-                () = streams.idle_for(settings.idle_timeout) => return,
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed(), if !closing => {
+                conn.graceful_shutdown();
+                closing = true;
+                continue;
             }
+            // After GOAWAY this goes on: streams the client opened before
+            // it saw the GOAWAY are still accepted, and driving the
+            // connection sends the final GOAWAY once they are done.
+            next = HttpSession::from_h2_conn(&mut conn, Arc::clone(&digest)) => next,
+            // Idle with nothing in flight: dropping the connection closes
+            // it at once (a graceful close could wait on a dead peer).
+            () = streams.idle_for(settings.idle_timeout) => return,
         };
         let session = match next {
             Ok(Some(H2Accept::Session(session))) => session,
@@ -113,9 +114,16 @@ pub async fn serve<A>(
             }
         };
         accepted = accepted.saturating_add(1);
-        if !closing && settings.request_limit.is_some_and(|n| accepted >= n) {
-            conn.graceful_shutdown();
-            closing = true;
+        if let Some(limit) = settings.request_limit {
+            if !closing && accepted >= limit {
+                conn.graceful_shutdown();
+                closing = true;
+            } else if accepted > limit.saturating_add(GOAWAY_ALLOWANCE) {
+                // The final GOAWAY waits for the client to answer a PING;
+                // one that never does could go on opening streams.
+                log::debug!("closing an HTTP/2 connection that ignores its GOAWAY");
+                return;
+            }
         }
         limits.refresh(&mut current);
         let watch = (!session.is_body_empty()).then(|| BodyClock::new(&session, current.1));
