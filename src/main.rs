@@ -43,10 +43,17 @@ const DEFAULT_CONFIG: &str = "/etc/tollgate/tollgate.yaml";
 
 /// Client connections read straight into the HTTP parser's own buffer.
 /// Pingora's default puts a 64 KiB read buffer in front of every
-/// connection, which helps TLS's 16 KiB records but, for plain HTTP, costs
-/// 64 KiB of memory per idle keepalive client (docs/performance.md).
-const DOWNSTREAM_BUFFERS: L4BufferSettings = L4BufferSettings {
+/// connection. For plain HTTP it costs 64 KiB of memory per idle keepalive
+/// client and saves nothing: the parser reads into its own buffer.
+const PLAIN_BUFFERS: L4BufferSettings = L4BufferSettings {
     read: Some(0),
+    write: None,
+};
+/// Under TLS the buffer is kept: OpenSSL reads each record's 5-byte header
+/// and then its body, two system calls per record without it
+/// (docs/performance.md, "TLS and HTTP/2").
+const TLS_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: None,
     write: None,
 };
 /// Pingora waits out the whole grace period on a graceful stop, busy or not;
@@ -122,8 +129,11 @@ fn main() -> ExitCode {
         ),
     );
     for listener in &snapshot.listeners {
-        let mut config =
-            ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS);
+        let buffers = match listener.tls {
+            Some(_) => TLS_BUFFERS,
+            None => PLAIN_BUFFERS,
+        };
+        let mut config = ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(buffers);
         if let Some(tls) = &listener.tls {
             match tls_settings(&store, listener.addr, tls) {
                 Ok(settings) => config = config.tls(settings),

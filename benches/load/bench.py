@@ -460,6 +460,12 @@ SCENARIOS = [
 if os.environ.get("TOLLGATE_BASE"):
     SCENARIOS.append(Scenario("tollgate base", start_tollgate("tollgate-base", 1, os.environ["TOLLGATE_BASE"]),
                               memory=True))
+    SCENARIOS.append(Scenario("tollgate TLS base",
+                              start_tollgate("tollgate-tls-base", 1, os.environ["TOLLGATE_BASE"], tls=True),
+                              protocol="tls", baseline="nginx TLS"))
+    SCENARIOS.append(Scenario("tollgate h2 base",
+                              start_tollgate("tollgate-tls-base", 1, os.environ["TOLLGATE_BASE"], tls=True),
+                              protocol="h2", baseline="nginx h2"))
 # The same for the bare Pingora peer: BARE_BASE=path adds "bare Pingora base".
 if os.environ.get("BARE_BASE"):
     SCENARIOS.append(Scenario("bare Pingora base", lambda: start_bare_pingora(os.environ["BARE_BASE"]),
