@@ -485,3 +485,73 @@ fn a_client_ignoring_goaway_cannot_go_past_its_request_limit() {
     assert!((3..400).contains(&answered), "answered {answered}");
     assert!(up.hits() < 400);
 }
+
+/// A listening socket whose accept queue is full: connecting to it hangs
+/// (the kernel drops the SYN) until the connecting side gives up.
+struct StuckListener {
+    addr: SocketAddr,
+    _listener: std::net::TcpListener,
+    _queued: std::net::TcpStream,
+}
+
+impl StuckListener {
+    fn new() -> StuckListener {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A backlog of 0 holds one connection, which nobody accepts.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let addr = listener.local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        StuckListener {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
+/// The body clock runs only while the gateway forwards the body: time spent
+/// connecting upstream (a target whose connect hangs past the body timeout,
+/// then a retry on another) is not the client's to be blamed for.
+#[test]
+fn time_spent_connecting_upstream_does_not_count_against_the_body_timeout() {
+    let stuck = StuckListener::new();
+    let up = Upstream::start("a");
+    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = support::scratch_dir("h2-log").join("access.log");
+    let gw = Gateway::start_with_listeners(
+        &[],
+        "",
+        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
+        &format!(
+            "limits: {{ body_timeout: 1s }}\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"{}\", \"{}\"], retries: 1, timeouts: {{ connect: 2s }} }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            log.display(),
+            stuck.addr,
+            up.addr
+        ),
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let _conn = tokio::spawn(conn);
+        // Round robin: one of the two requests tries the stuck target first.
+        for i in 0..2 {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::post(format!("http://h/retried/{i}"))
+                .body(())
+                .unwrap();
+            let (response, mut body) = client.send_request(req, false).unwrap();
+            body.send_data(bytes::Bytes::from_static(b"whole body"), true)
+                .unwrap();
+            let json = response_json(response).await;
+            assert_eq!(json["body"], "whole body", "{json}");
+        }
+    });
+    let retried = [0, 1]
+        .iter()
+        .map(|i| wait_for_line(&gw, &log, &format!("/retried/{i}")))
+        .filter(|line| line["retries"] == 1)
+        .count();
+    assert!(retried >= 1, "no request went to the stuck target first");
+}

@@ -38,7 +38,8 @@ const MALFORMED_STREAM_BUDGET: usize = 32;
 
 /// Streams a client may still open once told to stop at its request limit:
 /// those in flight before it saw the GOAWAY (at most the 100 concurrent
-/// streams it may have, with room to spare).
+/// streams of Pingora's `default_h2_options`, which tollgate uses, with
+/// room to spare; raise this with that limit).
 const GOAWAY_ALLOWANCE: u32 = 200;
 
 /// What an HTTP/2 connection may do.
@@ -188,7 +189,11 @@ tokio::task_local! {
 /// request should the clock run out (its session is gone by then).
 struct BodyClock {
     timeout: Duration,
-    last: Cell<Instant>,
+    /// When the body last moved, or the gateway began to want it; `None`
+    /// while the gateway is not reading it (routing, authenticating,
+    /// connecting upstream, between attempts), which is not the client's
+    /// time to be blamed for.
+    last: Cell<Option<Instant>>,
     done: Cell<bool>,
     timed_out: Cell<bool>,
     /// Body bytes read so far.
@@ -203,7 +208,7 @@ impl BodyClock {
         let head = session.req_header();
         BodyClock {
             timeout: limits.body_timeout,
-            last: Cell::new(Instant::now()),
+            last: Cell::new(None),
             done: Cell::new(false),
             timed_out: Cell::new(false),
             read: Cell::new(0),
@@ -215,18 +220,29 @@ impl BodyClock {
     }
 }
 
-/// Called for each piece of a request body as it is read (`bytes` long);
-/// `end` once the body is complete. A no-op outside an HTTP/2 stream with
-/// a body.
-pub fn body_progress(bytes: usize, end: bool) {
+/// Called for each piece of a request body as it is read, with the body
+/// bytes read so far; `end` once the body is complete. A no-op outside an
+/// HTTP/2 stream with a body (as are the two below).
+pub fn body_progress(read: usize, end: bool) {
     let _ = BODY.try_with(|clock| {
-        clock.read.set(clock.read.get() + bytes);
+        clock.read.set(read);
         if end {
             clock.done.set(true);
         } else {
-            clock.last.set(Instant::now());
+            clock.last.set(Some(Instant::now()));
         }
     });
+}
+
+/// An attempt at the upstream is about to forward the body: the clock
+/// runs from now.
+pub fn body_wanted() {
+    let _ = BODY.try_with(|clock| clock.last.set(Some(Instant::now())));
+}
+
+/// An attempt failed: the body is not read until the next one starts.
+pub fn body_not_wanted() {
+    let _ = BODY.try_with(|clock| clock.last.set(None));
 }
 
 /// What the access log needs of a request whose session is gone.
@@ -268,11 +284,17 @@ pub fn abandoned<R>(record: impl FnOnce(AbandonedHead) -> R) -> Option<R> {
 async fn within_body_timeout(request: impl Future) {
     let watchdog = async {
         loop {
-            let (deadline, done) =
-                BODY.with(|clock| (clock.last.get() + clock.timeout, clock.done.get()));
+            let (last, timeout, done) =
+                BODY.with(|clock| (clock.last.get(), clock.timeout, clock.done.get()));
             if done {
                 return std::future::pending::<()>().await;
             }
+            let Some(last) = last else {
+                // Not reading: look again a timeout later.
+                tokio::time::sleep(timeout).await;
+                continue;
+            };
+            let deadline = last + timeout;
             if Instant::now() >= deadline {
                 BODY.with(|clock| clock.timed_out.set(true));
                 return;

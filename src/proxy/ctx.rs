@@ -29,6 +29,8 @@ pub struct RequestCtx {
     pub slots: Slots,
     /// Counts the request in `tollgate_inflight_requests` while it lives.
     pub in_progress: Option<crate::observe::metrics::InFlightRequest>,
+    /// The status of the response head sent to the client (0: none yet).
+    pub responded: u16,
     /// The logging phase ran. A context dropped without it belongs to a
     /// request whose task was ended from outside (an HTTP/2 body timeout).
     pub logged: bool,
@@ -83,6 +85,7 @@ impl RequestCtx {
             rate: None,
             slots: Slots::default(),
             in_progress: None,
+            responded: 0,
             logged: false,
         }
     }

@@ -132,7 +132,13 @@ pub(crate) fn record_abandoned(ctx: &mut RequestCtx) {
             protocol: access_log::protocol(http::Version::HTTP_2),
             host: head.host,
             path: head.path,
-            status: GatewayError::RequestTimeout.status(),
+            // An answer may already be on its way (a gRPC stream, an
+            // upstream that answered early): its status is what the client
+            // got before the reset.
+            status: match ctx.responded {
+                0 => GatewayError::RequestTimeout.status(),
+                answered => answered,
+            },
             bytes_in: head.bytes_in,
             bytes_out: 0,
         };
@@ -263,7 +269,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // Pingora times HTTP/1 body reads itself; HTTP/2 streams keep a
         // clock of their own (a no-op for HTTP/1).
-        crate::downstream::h2::body_progress(body.as_ref().map_or(0, Bytes::len), end_of_stream);
+        crate::downstream::h2::body_progress(session.body_bytes_read(), end_of_stream);
         // An HTTP/2 body may end with an empty DATA frame. Pingora passes
         // it on as an empty last piece, which its chunked writer to an
         // HTTP/1 upstream turns into a terminating chunk, and then ends
@@ -367,6 +373,8 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The body is forwarded from here on: an HTTP/2 body's clock runs.
+        crate::downstream::h2::body_wanted();
         let Some(m) = ctx.matched.as_ref() else {
             ctx.outcome = Some(GatewayError::Internal);
             return Error::e_explain(ErrorType::InternalError, "forwarding without a route");
@@ -416,6 +424,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.responded = upstream_response.status.as_u16();
         response::close_when_draining(session);
         response::fit_client_version(session, upstream_response);
         response::echo_request_id(upstream_response, ctx)?;
@@ -453,6 +462,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        // Until another attempt starts, the body is not being read.
+        crate::downstream::h2::body_not_wanted();
         let mut e = e.more_context(format!("peer: {peer}"));
         let body_done = session.is_body_done();
         let failure = self.failure(ctx, FailureKind::of(&e), Failure::from_upstream(&e), |f| {
