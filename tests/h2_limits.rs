@@ -112,6 +112,10 @@ fn a_client_resetting_streams_as_fast_as_it_opens_them_is_cut_off() {
     assert_eq!(gw.get("h", "/after").status, 200);
 }
 
+/// The upstream gets a 5 s connect timeout: 300 streams at once open up to
+/// 300 connections to the test upstream, whose accept queue (128) drops the
+/// excess SYNs; the kernel resends them after 1 s, which is the default
+/// connect timeout, and a few requests failed with 504 on a busy machine.
 fn start_with(server_extra: &str) -> (Gateway, SocketAddr, Upstream) {
     let up = Upstream::start("a");
     let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -120,7 +124,7 @@ fn start_with(server_extra: &str) -> (Gateway, SocketAddr, Upstream) {
         server_extra,
         &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
         &format!(
-            "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            "upstreams:\n  app: {{ targets: [\"{}\"], timeouts: {{ connect: 5s }} }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
             up.addr
         ),
     );
@@ -231,9 +235,19 @@ fn an_http2_connection_carries_at_most_the_keepalive_request_limit() {
 }
 
 /// A gateway on an h2c listener with `limits.body_timeout` and an access
-/// log; returns the log's path too.
+/// log, in front of one upstream; returns the log's path too.
 fn start_with_body_timeout(timeout: &str) -> (Gateway, SocketAddr, Upstream, std::path::PathBuf) {
     let up = Upstream::start("a");
+    let (gw, h2c, log) =
+        start_body_timeout_gateway(timeout, &format!("targets: [\"{}\"]", up.addr));
+    (gw, h2c, up, log)
+}
+
+/// The same with the upstream `app` given as YAML mapping entries.
+fn start_body_timeout_gateway(
+    timeout: &str,
+    app: &str,
+) -> (Gateway, SocketAddr, std::path::PathBuf) {
     let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = support::scratch_dir("h2-log").join("access.log");
     let gw = Gateway::start_with_listeners(
@@ -241,12 +255,31 @@ fn start_with_body_timeout(timeout: &str) -> (Gateway, SocketAddr, Upstream, std
         "",
         &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
         &format!(
-            "limits: {{ body_timeout: {timeout} }}\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+            "limits: {{ body_timeout: {timeout} }}\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ {app} }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
             log.display(),
-            up.addr
         ),
     );
-    (gw, h2c, up, log)
+    (gw, h2c, log)
+}
+
+/// An h2c client whose connection is driven in the background.
+async fn h2c_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
+/// Opens a POST stream to `path`; the caller sends its body.
+async fn post(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let mut client = client.clone().ready().await.unwrap();
+    let req = http::Request::post(format!("http://h{path}"))
+        .body(())
+        .unwrap();
+    client.send_request(req, false).unwrap()
 }
 
 #[test]
@@ -254,12 +287,8 @@ fn an_http2_request_body_that_stops_arriving_is_reset_and_logged_as_408() {
     let (gw, h2c, up, log) = start_with_body_timeout("1s");
     let rt = runtime();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let _conn = tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::post("http://h/upload").body(()).unwrap();
-        let (response, mut body) = client.send_request(req, false).unwrap();
+        let client = h2c_client(h2c).await;
+        let (response, mut body) = post(&client, "/upload").await;
         body.send_data(bytes::Bytes::from_static(b"abc"), false)
             .unwrap();
         // ...and nothing more: the stream is reset by the gateway.
@@ -270,7 +299,7 @@ fn an_http2_request_body_that_stops_arriving_is_reset_and_logged_as_408() {
         assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error:?}");
 
         // The connection itself is still good.
-        let mut client = client.ready().await.unwrap();
+        let mut client = client.clone().ready().await.unwrap();
         let (response, _) = client
             .send_request(http::Request::get("http://h/next").body(()).unwrap(), true)
             .unwrap();
@@ -294,12 +323,8 @@ fn an_http2_request_body_that_keeps_moving_is_not_cut_by_the_body_timeout() {
     let (_gw, h2c, up, _log) = start_with_body_timeout("2s");
     let rt = runtime();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let _conn = tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::post("http://h/slow").body(()).unwrap();
-        let (response, mut body) = client.send_request(req, false).unwrap();
+        let client = h2c_client(h2c).await;
+        let (response, mut body) = post(&client, "/slow").await;
         for _ in 0..8 {
             body.send_data(bytes::Bytes::from_static(b"0123456789"), false)
                 .unwrap();
@@ -322,15 +347,9 @@ fn an_http2_body_ended_by_an_empty_data_frame_is_one_request_upstream() {
     let (_gw, h2c, up, _log) = start_with_body_timeout("30s");
     let rt = runtime();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let _conn = tokio::spawn(conn);
+        let client = h2c_client(h2c).await;
         for i in 0..3 {
-            let mut client = client.clone().ready().await.unwrap();
-            let req = http::Request::post(format!("http://h/post/{i}"))
-                .body(())
-                .unwrap();
-            let (response, mut body) = client.send_request(req, false).unwrap();
+            let (response, mut body) = post(&client, &format!("/post/{i}")).await;
             body.send_data(bytes::Bytes::from_static(b"payload"), false)
                 .unwrap();
             body.send_data(bytes::Bytes::new(), true).unwrap();
@@ -517,31 +536,19 @@ impl StuckListener {
 fn time_spent_connecting_upstream_does_not_count_against_the_body_timeout() {
     let stuck = StuckListener::new();
     let up = Upstream::start("a");
-    let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = support::scratch_dir("h2-log").join("access.log");
-    let gw = Gateway::start_with_listeners(
-        &[],
-        "",
-        &format!("  - {{ address: \"{h2c}\", h2c: true }}\n"),
+    let (gw, h2c, log) = start_body_timeout_gateway(
+        "1s",
         &format!(
-            "limits: {{ body_timeout: 1s }}\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"{}\", \"{}\"], retries: 1, timeouts: {{ connect: 2s }} }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
-            log.display(),
-            stuck.addr,
-            up.addr
+            "targets: [\"{}\", \"{}\"], retries: 1, timeouts: {{ connect: 2s }}",
+            stuck.addr, up.addr
         ),
     );
     let rt = runtime();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h2c).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let _conn = tokio::spawn(conn);
+        let client = h2c_client(h2c).await;
         // Round robin: one of the two requests tries the stuck target first.
         for i in 0..2 {
-            let mut client = client.clone().ready().await.unwrap();
-            let req = http::Request::post(format!("http://h/retried/{i}"))
-                .body(())
-                .unwrap();
-            let (response, mut body) = client.send_request(req, false).unwrap();
+            let (response, mut body) = post(&client, &format!("/retried/{i}")).await;
             body.send_data(bytes::Bytes::from_static(b"whole body"), true)
                 .unwrap();
             let json = response_json(response).await;
