@@ -10,7 +10,9 @@ use crate::auth::Method as AuthMethod;
 use crate::error::GatewayError;
 use crate::limit::{KeyKind, Limiter};
 use crate::proxy::request;
-use crate::router::{normalize_path, routing_host, HostPattern, PathPattern, Route};
+use crate::router::{
+    normalize_path, routing_host, without_parameters, HostPattern, PathPattern, Route,
+};
 use crate::snapshot::Snapshot;
 use crate::store::ConfigStore;
 use http::Method;
@@ -115,6 +117,14 @@ fn explain(snapshot: &Snapshot, method: &Method, req: &RequestHeader) -> Value {
     };
     let winner = request::route(snapshot, req, method);
     let winner_name = winner.as_ref().ok().map(|m| m.route.name.clone());
+    // The routes of the most specific host and path: they alone decide
+    // which methods are allowed there.
+    let deciding: Vec<&str> = snapshot
+        .index
+        .deciding(host.as_deref(), &without_parameters(&normalized))
+        .into_iter()
+        .filter_map(|i| snapshot.routes.get(i).map(|r| r.name.as_str()))
+        .collect();
     let candidates: Vec<Value> = snapshot
         .routes
         .iter()
@@ -132,6 +142,11 @@ fn explain(snapshot: &Snapshot, method: &Method, req: &RequestHeader) -> Value {
                 format!("{normalized} does not match its {}", p.path_text())
             } else if !p.method_matches(method) {
                 format!("{method} is not among {}", p.methods_text())
+            } else if winner.is_err() && !deciding.contains(&r.name.as_str()) {
+                format!(
+                    "matches, but the more specific host and path of {} decide the methods allowed here, and {method} is not among them (405; less specific routes are not consulted)",
+                    deciding.join(", ")
+                )
             } else {
                 "matches too, but a more specific route (exact host before wildcard before any; exact path before the longest prefix) wins".to_owned()
             };

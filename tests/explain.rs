@@ -74,9 +74,18 @@ fn no_match_is_404_or_405_with_the_near_misses() {
     assert!(verdict(&v, "orders").contains("host shop.example.com"));
     assert!(verdict(&v, "orders-any-host").contains("/cart does not match"));
     let v = explain_json(&["-H", "Host: api.example.com", "DELETE", "/orders/7"]);
-    // The any-host route takes DELETE: the method rules out only the first.
-    assert_eq!(v["route"], "orders-any-host");
+    // The exact host and path decide the method alone: no fall-through to
+    // the any-host route, which says why.
+    assert_eq!(v["status"], 405);
+    assert_eq!(v["allow"], "GET, HEAD, POST");
     assert!(verdict(&v, "orders").contains("DELETE is not among GET, POST, HEAD"));
+    let why = verdict(&v, "orders-any-host");
+    assert!(
+        why.contains("more specific host and path of orders decide"),
+        "{why}"
+    );
+    let v = explain_json(&["DELETE", "http://other.example.com/orders/7"]);
+    assert_eq!(v["route"], "orders-any-host");
     let v = explain_json(&["DELETE", "http://x/healthz"]);
     assert_eq!(v["status"], 405);
     assert!(v["allow"].as_str().unwrap().contains("GET"));

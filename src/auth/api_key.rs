@@ -61,6 +61,9 @@ pub struct ApiKeys {
 pub enum KeyCheck {
     Missing,
     Invalid,
+    /// More than one key (repeated header or query parameter): which one
+    /// the gateway checked and which one an upstream reads could differ.
+    Ambiguous,
     Valid(Arc<Consumer>),
 }
 
@@ -86,12 +89,17 @@ impl ApiKeys {
 
     /// Checks the key the request carries.
     pub fn check(&self, req: &RequestHeader) -> KeyCheck {
-        let key = match req.headers.get(&self.header) {
-            Some(value) => Some(value.as_bytes()),
-            None => self
-                .query
-                .as_deref()
-                .and_then(|name| query_value(req, name)),
+        let mut values = req.headers.get_all(&self.header).iter();
+        let key = match (values.next(), values.next()) {
+            (Some(_), Some(_)) => return KeyCheck::Ambiguous,
+            (Some(value), None) => Some(value.as_bytes()),
+            (None, _) => match self.query.as_deref() {
+                Some(name) => match query_values(req, name) {
+                    (Some(_), Some(_)) => return KeyCheck::Ambiguous,
+                    (first, _) => first,
+                },
+                None => None,
+            },
         };
         let Some(key) = key else {
             return KeyCheck::Missing;
@@ -125,13 +133,18 @@ impl ApiKeys {
     }
 }
 
-/// A query parameter's raw value (keys are not percent-decoded: they are
-/// tokens, and a key needing escapes is not one).
-fn query_value<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
-    req.uri.query()?.split('&').find_map(|pair| {
+/// A query parameter's raw values (keys are not percent-decoded: they are
+/// tokens, and a key needing escapes is not one): the first two, to tell a
+/// repeated parameter.
+fn query_values<'a>(req: &'a RequestHeader, name: &str) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+    let Some(query) = req.uri.query() else {
+        return (None, None);
+    };
+    let mut values = query.split('&').filter_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name).then_some(v.as_bytes())
-    })
+    });
+    (values.next(), values.next())
 }
 
 /// Parses a configured key, `sha256:<64 hex digits>`.

@@ -66,8 +66,20 @@ impl CorsPolicy {
         Ok(resp)
     }
 
-    /// The CORS headers of an actual request's response.
+    /// The CORS headers of an actual request's response: the gateway's
+    /// only. An upstream's own `Access-Control-*` headers are removed, or
+    /// an upstream reflecting any `Origin` would open the route to origins
+    /// the allowlist leaves out.
     pub fn decorate(&self, req: &RequestHeader, resp: &mut ResponseHeader) -> pingora::Result<()> {
+        let upstreams: Vec<http::HeaderName> = resp
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in &upstreams {
+            resp.remove_header(name);
+        }
         resp.append_header(VARY, "Origin")?;
         if let Some(origin) = self.allowed_origin(req) {
             resp.insert_header(ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
@@ -103,6 +115,36 @@ mod tests {
                 .unwrap();
         }
         req
+    }
+
+    #[test]
+    fn an_upstreams_own_cors_headers_never_reach_the_browser() {
+        let p = policy();
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Access-Control-Allow-Origin", "https://evil.example")
+            .unwrap();
+        resp.insert_header("Access-Control-Allow-Credentials", "true")
+            .unwrap();
+        resp.insert_header("Access-Control-Expose-Headers", "X-Secret")
+            .unwrap();
+        p.decorate(&req("GET", Some("https://evil.example"), None), &mut resp)
+            .unwrap();
+        assert!(resp
+            .headers
+            .keys()
+            .all(|n| !n.as_str().starts_with("access-control-")));
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Access-Control-Allow-Origin", "*")
+            .unwrap();
+        p.decorate(
+            &req("GET", Some("https://app.example.com"), None),
+            &mut resp,
+        )
+        .unwrap();
+        assert_eq!(
+            resp.headers.get("access-control-allow-origin").unwrap(),
+            "https://app.example.com"
+        );
     }
 
     #[test]

@@ -139,6 +139,16 @@ impl AccessPolicy {
         self.methods.is_empty() && self.allow_groups.is_empty() && self.ip.is_empty()
     }
 
+    /// The route's address rules alone (what a CORS preflight, which
+    /// carries no credentials, is held to).
+    pub fn check_address(&self, client: Option<IpAddr>) -> Result<(), GatewayError> {
+        if self.ip.permits(client) {
+            Ok(())
+        } else {
+            Err(GatewayError::Forbidden(FORBIDDEN_ADDRESS))
+        }
+    }
+
     /// Decides whether the request may go on, and as whom. Waits only when
     /// a token names a key its provider's JWKS may have gained since.
     pub async fn check(
@@ -146,9 +156,7 @@ impl AccessPolicy {
         req: &RequestHeader,
         client: Option<IpAddr>,
     ) -> Result<Option<Identity>, GatewayError> {
-        if !self.ip.permits(client) {
-            return Err(GatewayError::Forbidden(FORBIDDEN_ADDRESS));
-        }
+        self.check_address(client)?;
         if self.methods.is_empty() {
             return Ok(None);
         }
@@ -166,6 +174,11 @@ impl AccessPolicy {
                         invalid.get_or_insert(INVALID_CREDENTIALS);
                     }
                     KeyCheck::Missing => {}
+                    KeyCheck::Ambiguous => {
+                        return Err(GatewayError::BadRequest(
+                            "the request carries more than one API key",
+                        ))
+                    }
                 },
                 Method::Jwt(provider) => match provider.check(req).await {
                     TokenCheck::Valid(verified) => {

@@ -13,17 +13,17 @@
 //! cut to the first, and a repeated `Content-Length` is sent on as one.
 
 use super::framing::{Chunked, Framing};
+use super::policy::{self, Field};
 use super::Limits;
 use crate::error::GatewayError;
 use bytes::BytesMut;
+use once_cell::sync::Lazy;
 
 /// Pingora's parser takes at most this many header fields, so the
 /// configured limit cannot be higher.
 pub const MAX_HEADERS: usize = 256;
 /// Room for the method, spaces and version around the request target.
 const REQUEST_LINE_EXTRA: usize = 48;
-/// Longest method accepted.
-const MAX_METHOD: usize = 32;
 
 /// The outcome of looking at the bytes received so far.
 #[derive(Debug)]
@@ -176,15 +176,7 @@ fn validate(req: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Checked,
     let target = req.path.unwrap_or_default();
     let http11 = req.version == Some(1);
 
-    if method.len() > MAX_METHOD || method.bytes().any(|b| b.is_ascii_lowercase()) {
-        return bad("the method must be an upper-case token of at most 32 characters");
-    }
-    if method == "CONNECT" {
-        return Err(Rejection {
-            allow: Some(""),
-            ..Rejection::new(GatewayError::MethodNotAllowed)
-        });
-    }
+    policy::check_method(method.as_bytes())?;
     if target.len() > limits.max_uri_bytes {
         return Err(GatewayError::UriTooLong.into());
     }
@@ -199,30 +191,21 @@ fn validate(req: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Checked,
                 ),
             },
         };
+    if !target_bytes_allowed(target.as_bytes()) {
+        return bad("the request target has a character that must be percent-encoded");
+    }
 
-    let mut hosts = 0;
-    let mut host: &[u8] = b"";
+    let mut rules = policy::FieldRules::default();
     let mut lengths: Option<u64> = None;
     let mut length_fields = 0;
     let mut codings = 0;
     let mut chunked = false;
-    let mut request_ids = 0;
-    let mut upgrade = false;
-    let mut rewrite = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        // A plain loop: names are short, and memchr's call costs more
-        // (callgrind: ~200 instructions per request over a few headers).
-        #[allow(clippy::manual_contains)]
-        if name.iter().any(|&b| b == b'_') {
-            // CGI-style backends read `X_Forwarded_For` as `X-Forwarded-For`.
-            rewrite = true;
+        if rules.field(name, h.value)? != Field::Keep {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-            host = h.value;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"content-length") {
             for value in h.value.split(|&b| b == b',') {
                 length_fields += 1;
                 let Some(n) = parse_length(value) else {
@@ -248,41 +231,20 @@ fn validate(req: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Checked,
                 });
             }
             chunked = true;
-        } else if name.eq_ignore_ascii_case(b"x-request-id") {
-            request_ids += 1;
-            rewrite |= request_ids > 1;
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
         }
     }
+    let mut rewrite = rules.rewrite;
 
-    if hosts > 1 {
-        return bad("the request has more than one Host header");
-    }
-    if http11 && hosts == 0 {
+    if http11 && rules.host.is_none() {
         return bad("an HTTP/1.1 request needs a Host header");
     }
-    let host = if hosts == 1 {
-        match split_authority(host) {
-            Some(parts) => Some(parts),
-            None => return bad("the Host header is not a valid host[:port]"),
-        }
-    } else {
-        None
-    };
-    if let Some((scheme_port, authority)) = absolute {
-        // Sent on in origin form with a Host, which Pingora and every
-        // upstream read the same way.
-        rewrite = true;
-        let Some(authority) = split_authority(authority.as_bytes()) else {
-            return bad("the authority of the request target is not a valid host[:port]");
-        };
-        if let Some(host) = host {
-            if !same_host(host, authority, scheme_port) {
-                return bad("the Host header does not match the request target");
-            }
-        }
-    }
+    // Sent on in origin form with a Host, which Pingora and every upstream
+    // read the same way.
+    rewrite |= absolute.is_some();
+    policy::check_host(
+        rules.host,
+        absolute.map(|(port, authority)| (authority.as_bytes(), port)),
+    )?;
 
     let framing = if codings > 0 {
         if !http11 {
@@ -303,11 +265,48 @@ fn validate(req: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Checked,
     Ok(Checked {
         framing,
         facts: HeadFacts {
-            upgrade,
+            upgrade: rules.upgrade,
             length: lengths,
         },
         rewrite,
     })
+}
+
+/// The ASCII bytes the `http` crate's URI parser takes in a path (`[0]`)
+/// and in a query (`[1]`). Pingora parses every request target with it and
+/// answers a target it refuses with a bare 400 of its own; refused here
+/// first, the client gets the gateway's JSON error. Learned from the parser
+/// itself, so the two cannot disagree.
+static TARGET_BYTES: Lazy<[[bool; 128]; 2]> = Lazy::new(|| {
+    let mut tables = [[false; 128]; 2];
+    for b in 0..128u8 {
+        if b == b'?' || b == b'#' {
+            continue;
+        }
+        for (table, prefix) in tables.iter_mut().zip([&b"/a"[..], b"/?a"]) {
+            let mut target = prefix.to_vec();
+            target.push(b);
+            table[usize::from(b)] = http::uri::PathAndQuery::try_from(target.as_slice()).is_ok();
+        }
+    }
+    tables
+});
+
+/// Whether Pingora's URI parser will take `target`. Bytes past 127 are
+/// taken (kept as they are for the wire); a fragment is cut off unread.
+fn target_bytes_allowed(target: &[u8]) -> bool {
+    let tables = &*TARGET_BYTES;
+    let mut table = &tables[0];
+    for &b in target {
+        match b {
+            b'#' => return true,
+            b'?' => table = &tables[1],
+            128.. => {}
+            _ if !table[usize::from(b)] => return false,
+            _ => {}
+        }
+    }
+    true
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -335,81 +334,6 @@ fn absolute_authority(target: &str) -> Option<(u16, &str)> {
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     Some((default_port, &rest[..end]))
-}
-
-/// Bytes of a host name as `Host` may carry them: letters, digits, `-`,
-/// `.` and `_`. A table, since every request's Host goes through it.
-static HOST_NAME_BYTE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_';
-        b += 1;
-    }
-    table
-};
-
-/// `host[:port]` split and checked: a name of letters, digits, `-`, `.`
-/// and `_`, an IPv4 address or a bracketed IPv6 address; a port of digits.
-/// No user info, no spaces, commas, slashes or stray brackets.
-pub fn split_authority(v: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
-    let (host, port) = if v.first() == Some(&b'[') {
-        let close = v.iter().position(|&b| b == b']')?;
-        let inner = std::str::from_utf8(&v[1..close]).ok()?;
-        inner.parse::<std::net::Ipv6Addr>().ok()?;
-        let rest = &v[close + 1..];
-        match rest {
-            [] => (&v[..=close], None),
-            [b':', port @ ..] => (&v[..=close], Some(port)),
-            _ => return None,
-        }
-    } else {
-        // One pass: name bytes up to an optional `:`.
-        let end = v
-            .iter()
-            .position(|&b| !HOST_NAME_BYTE[usize::from(b)])
-            .unwrap_or(v.len());
-        let (host, port) = match v.get(end) {
-            None => (v, None),
-            Some(b':') => (&v[..end], Some(&v[end + 1..])),
-            Some(_) => return None,
-        };
-        if host.is_empty() {
-            return None;
-        }
-        (host, port)
-    };
-    if let Some(port) = port {
-        if port.len() > 5 || !port.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let value = port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
-        if value > u32::from(u16::MAX) {
-            return None;
-        }
-    }
-    Some((host, port))
-}
-
-/// Whether `Host` and an absolute target's authority name the same
-/// origin: case-insensitively, without a trailing dot, with the scheme's
-/// default port for an absent one.
-fn same_host(
-    host: (&[u8], Option<&[u8]>),
-    authority: (&[u8], Option<&[u8]>),
-    default_port: u16,
-) -> bool {
-    let name = |h: &[u8]| -> Vec<u8> {
-        let h = h.strip_suffix(b".").unwrap_or(h);
-        h.to_ascii_lowercase()
-    };
-    let port = |p: Option<&[u8]>| -> u16 {
-        p.filter(|p| !p.is_empty())
-            .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
-            .unwrap_or(default_port)
-    };
-    name(host.0) == name(authority.0) && port(host.1) == port(authority.1)
 }
 
 /// The head re-serialized without the fields that must not go on: names
@@ -447,19 +371,22 @@ fn rewrite(req: &httparse::Request<'_, '_>) -> BytesMut {
             out.extend_from_slice(b"\r\n");
         }
     }
-    let mut request_id_seen = false;
+    // The same rules as the check, so that what it dropped is dropped here.
+    let mut rules = policy::FieldRules::default();
     let mut length_seen = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        let mut value = h.value;
-        if name.contains(&b'_') {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"x-request-id") {
-            if request_id_seen {
-                continue;
+        let mut value = std::borrow::Cow::Borrowed(h.value);
+        match rules.field(name, h.value) {
+            Ok(Field::Keep) => {}
+            Ok(Field::Drop) | Err(_) => continue,
+            Ok(Field::Rewrite) => {
+                let kept = policy::connection_kept(h.value);
+                if kept.is_empty() {
+                    continue;
+                }
+                value = kept.into();
             }
-            request_id_seen = true;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
             if length_seen {
@@ -467,11 +394,11 @@ fn rewrite(req: &httparse::Request<'_, '_>) -> BytesMut {
             }
             length_seen = true;
             // Validated: every value is the same number.
-            value = trim(value.split(|&b| b == b',').next().unwrap_or_default());
+            value = trim(h.value.split(|&b| b == b',').next().unwrap_or_default()).into();
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
+        out.extend_from_slice(&value);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -572,6 +499,55 @@ mod tests {
         ] {
             assert_eq!(status_of(raw), Some(status), "{raw:?}");
         }
+    }
+
+    #[test]
+    fn targets_pingora_would_refuse_get_the_gateways_400() {
+        for target in ["/a<b", "/a>b", "http://h/<"] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+            assert_eq!(status_of(&raw), Some(400), "{raw:?}");
+        }
+        // Agrees with the parser Pingora uses on every ASCII byte, in a
+        // path and in a query; a fragment is never looked at.
+        for b in 0x21..0x7fu8 {
+            for prefix in ["/a", "/a?b="] {
+                let target = format!("{prefix}{}", b as char);
+                if status_of(&format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n")).is_none() {
+                    continue;
+                }
+                let fragment_cut = target.split('#').next().unwrap();
+                let pingora = http::uri::PathAndQuery::try_from(fragment_cut).is_ok();
+                assert_eq!(
+                    target_bytes_allowed(target.as_bytes()),
+                    pingora,
+                    "{target:?}"
+                );
+            }
+        }
+        assert!(target_bytes_allowed("/caf\u{e9}?q=\u{e9}".as_bytes()));
+    }
+
+    #[test]
+    fn authorization_is_a_singleton_and_connection_cannot_drop_forwarding_headers() {
+        assert_eq!(
+            status_of("GET / HTTP/1.1\r\nHost: h\r\nAuthorization: a\r\nauthorization: b\r\n\r\n"),
+            Some(400)
+        );
+        let head =
+            complete("GET / HTTP/1.1\r\nHost: h\r\nConnection: X-Forwarded-For, close\r\n\r\n");
+        assert_eq!(
+            std::str::from_utf8(&head.rewritten.unwrap()).unwrap(),
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        );
+        let head = complete("GET / HTTP/1.1\r\nHost: h\r\nConnection: x-forwarded-host\r\n\r\n");
+        assert_eq!(
+            std::str::from_utf8(&head.rewritten.unwrap()).unwrap(),
+            "GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+        );
+        assert_eq!(
+            status_of("GET / HTTP/1.1\r\nHost: h\r\nConnection: :authority\r\n\r\n"),
+            Some(400)
+        );
     }
 
     #[test]

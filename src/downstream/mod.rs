@@ -5,7 +5,9 @@
 //! - [`connection`]: the loop; idle connections hold no request state.
 //! - [`drain`]: what a stopping process does with its clients.
 //! - [`h2`]: the HTTP/2 loop: request limit and body deadlines per stream.
-//! - [`head`]: the head's limits, request line, `Host` and framing rules.
+//! - [`head`]: an HTTP/1 head's limits, request line and framing rules.
+//! - [`policy`]: the head rules every protocol's requests go through
+//!   (method, host, singleton and forbidden fields).
 //! - [`framing`]: where a message's body ends (length or chunked).
 //! - [`stream`]: the connection as Pingora sees it, one message at a time,
 //!   so pipelined requests are served in order.
@@ -15,6 +17,7 @@ pub mod drain;
 pub mod framing;
 pub mod h2;
 pub mod head;
+pub mod policy;
 pub mod stream;
 pub mod tls;
 

@@ -13,6 +13,8 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = http::header::FORWARDED;
 
 /// Names of the headers tollgate adds, as Pingora's case-preserving header
 /// names. Pingora turns a non-standard `HeaderName` into a freshly allocated
@@ -66,18 +68,32 @@ pub fn set_forwarding_headers(
         case_name("X-Forwarded-Proto"),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     )?;
-    match session.req_header().headers.get(HOST) {
+    // What the client says of its own address, other than in
+    // `X-Forwarded-For` (extended above), is not passed on: an upstream
+    // reading `X-Real-IP` or `Forwarded` would take it for the gateway's word.
+    for name in [&X_REAL_IP, &FORWARDED] {
+        if upstream_request.headers.contains_key(name) {
+            upstream_request.remove_header(name);
+        }
+    }
+    let req = session.req_header();
+    match req.headers.get(HOST) {
         Some(host) => {
             upstream_request.insert_header(case_name("X-Forwarded-Host"), host.clone())?;
         }
-        // Only an HTTP/1.0 request may come without Host; the upstream
-        // still gets one: the target's authority, or the upstream's name.
-        None => {
-            let authority = session.req_header().uri.authority().map(|a| a.as_str());
-            if let Some(host) = authority.or(Some(m.cluster.name.as_str())) {
-                upstream_request.insert_header(HOST, host)?;
+        // An HTTP/2 request names its host in `:authority` (Pingora makes
+        // it the upstream's Host); an HTTP/1.0 request may name none, and
+        // the upstream still gets one: the upstream's name.
+        None => match req.uri.authority() {
+            Some(authority) => {
+                let value = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| pingora::Error::new(pingora::ErrorType::InvalidHTTPHeader))?;
+                upstream_request.insert_header(case_name("X-Forwarded-Host"), value)?;
             }
-        }
+            None => {
+                upstream_request.insert_header(HOST, m.cluster.name.as_str())?;
+            }
+        },
     }
     Ok(())
 }

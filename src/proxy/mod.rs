@@ -17,7 +17,6 @@ pub mod respond;
 pub mod response;
 pub mod retry;
 
-use crate::auth::cors;
 use crate::downstream::tls;
 use crate::error::GatewayError;
 use crate::observe::access_log;
@@ -180,24 +179,20 @@ impl ProxyHttp for Gateway {
             .client
             .peer
             .map(|peer| snapshot.trusted_proxies.client(peer, session.req_header()));
-        let facts = request::head_facts(session);
-
-        // A CORS preflight is answered for the route of the method it asks
-        // about, before credentials (a browser sends none with it).
-        if let Some(asked) = cors::preflight_method(session.req_header()) {
-            if let Ok(m) = request::route(&snapshot, session.req_header(), &asked) {
-                if let Some(policy) = &m.route.policy.cors {
-                    let policy = Arc::clone(policy);
-                    drop(snapshot);
-                    respond::preflight(session, ctx, &policy).await?;
-                    return Ok(true);
-                }
+        // One head policy for every protocol, before routing.
+        let facts = match request::check_head(session) {
+            Ok(facts) => facts,
+            Err(rejection) => {
+                drop(snapshot);
+                respond(session, ctx, rejection).await?;
+                return Ok(true);
             }
-        }
+        };
 
-        // Route.
-        let method = session.req_header().method.clone();
-        let routed = request::route(&snapshot, session.req_header(), &method);
+        // Route. A CORS preflight is routed by the method it asks about,
+        // and answered for that route (a browser sends no credentials with
+        // it), after the route's address and transport rules.
+        let (routed, preflight) = request::route_or_preflight(&snapshot, session.req_header());
         drop(snapshot);
         let m = match routed {
             Ok(m) => ctx.matched.insert(m),
@@ -234,6 +229,16 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 }
             }
+        }
+
+        // A preflight is held to the route's address rules, not to its
+        // credentials.
+        if let Some(policy) = preflight {
+            match m.route.policy.access.check_address(ctx.client.ip) {
+                Ok(()) => respond::preflight(session, ctx, &policy).await?,
+                Err(error) => respond(session, ctx, error.into()).await?,
+            }
+            return Ok(true);
         }
 
         // The route's rules for this request. A refusal from here on
@@ -530,10 +535,7 @@ impl ProxyHttp for Gateway {
         let head = Head {
             method: req.method.as_str(),
             protocol: access_log::protocol(req.version),
-            host: req
-                .headers
-                .get(http::header::HOST)
-                .map_or(b"", |h| h.as_bytes()),
+            host: request::host_field(req).unwrap_or_default(),
             path: req.uri.path().as_bytes(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             bytes_in: session.body_bytes_read(),

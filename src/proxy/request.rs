@@ -4,7 +4,9 @@
 
 use super::ctx::{Client, RequestCtx, RouteMatch, Slots, Timing};
 use super::respond::Rejection;
+use crate::auth::cors::{self, CorsPolicy};
 use crate::downstream::head::HeadFacts;
+use crate::downstream::policy;
 use crate::downstream::stream::RequestStream;
 use crate::error::GatewayError;
 use crate::limit::Verdict;
@@ -12,7 +14,7 @@ use crate::observe::request_id;
 use crate::router::{normalize_path, routing_host, without_parameters, Lookup};
 use crate::snapshot::Snapshot;
 use crate::upstream::HashKey;
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, UPGRADE};
+use http::header::{CONNECTION, EXPECT, HOST, UPGRADE};
 use http::{HeaderName, HeaderValue, Method, Version};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -45,11 +47,8 @@ pub fn settle_request_id(snapshot: &Snapshot, req: &RequestHeader, ctx: &mut Req
 /// The request's host as routing sees it: `Host` (or an HTTP/2
 /// `:authority`), without port, lowercase.
 pub fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
-    let host = match req.headers.get(HOST) {
-        Some(h) => h.to_str().ok(),
-        None => req.uri.host(),
-    };
-    host.and_then(routing_host)
+    let host = std::str::from_utf8(host_field(req)?).ok()?;
+    routing_host(host)
 }
 
 /// Whether a TLS request names a host its connection was not set up for:
@@ -107,24 +106,46 @@ pub fn route(
     })
 }
 
-/// What the connection loop's head check learned about this request, or
-/// the same looked up in the parsed header (a connection not from that
-/// loop).
-pub fn head_facts(session: &Session) -> HeadFacts {
+/// Routes the request; a CORS preflight (`OPTIONS` asking about another
+/// method) whose route for that method has CORS rules is routed there, and
+/// comes back with the route's CORS policy to be answered by the gateway.
+pub fn route_or_preflight(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+) -> (Result<RouteMatch, Rejection>, Option<Arc<CorsPolicy>>) {
+    if let Some(asked) = cors::preflight_method(req) {
+        if let Ok(m) = route(snapshot, req, &asked) {
+            if let Some(policy) = m.route.policy.cors.clone() {
+                return (Ok(m), Some(policy));
+            }
+        }
+    }
+    (route(snapshot, req, &req.method), None)
+}
+
+/// The head policy every request goes through before routing. An HTTP/1
+/// request from tollgate's connection loop passed it as it was read (the
+/// loop's facts are taken from there); any other head (HTTP/2, h2c) is
+/// checked, and cleaned, here.
+pub fn check_head(session: &mut Session) -> Result<HeadFacts, Rejection> {
     if let Some(stream) = session
         .stream()
         .and_then(|s| s.as_any().downcast_ref::<RequestStream>())
     {
-        return stream.facts();
+        return Ok(stream.facts());
     }
-    let req = session.req_header();
-    HeadFacts {
-        upgrade: req.headers.contains_key(UPGRADE),
-        length: req
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok()),
+    policy::check_parsed(session.req_header_mut()).map_err(|r| Rejection {
+        error: r.error,
+        allow: r.allow.map(HeaderValue::from_static),
+    })
+}
+
+/// The host the request names, as received: `Host`, else the HTTP/2
+/// `:authority` (or an absolute target's authority).
+pub fn host_field(req: &RequestHeader) -> Option<&[u8]> {
+    match req.headers.get(HOST) {
+        Some(h) => Some(h.as_bytes()),
+        None => req.uri.authority().map(|a| a.as_str().as_bytes()),
     }
 }
 

@@ -40,8 +40,9 @@ pub enum PathPattern {
 pub enum Lookup {
     /// The index of the matched route, as given to [`RouteIndexBuilder::insert`].
     Route(usize),
-    /// Some route matched host and path but not the method; the value is the
-    /// `Allow` header: the methods of every route matching host and path.
+    /// The most specific host and path matched, but no route of theirs
+    /// allows the method; the value is the `Allow` header: the methods of
+    /// the routes with that host and path pattern.
     MethodNotAllowed(HeaderValue),
     NotFound,
 }
@@ -115,28 +116,38 @@ impl RouteIndex {
     /// Finds the most specific route for a request. `host` is the request's
     /// host, lower-case and without port; `path` is the normalized path.
     pub fn lookup(&self, host: Option<&str>, path: &str, method: &Method) -> Lookup {
-        let mut path_matched = false;
-        let found = self.walk(host, path, |set| {
-            path_matched = true;
-            set.find(method)
+        // The most specific host and path decide alone: a method they do
+        // not allow is refused, never passed to a less specific route
+        // (`GET /api` with auth beside a public `/` must not turn
+        // `POST /api` public).
+        let mut decides = None;
+        self.walk(host, path, |set| {
+            decides = Some(set);
+            Some(0)
         });
-        match found {
-            Some(route) => Lookup::Route(route),
-            // Rare, so the union of methods is only gathered here.
-            None if path_matched => Lookup::MethodNotAllowed(self.allowed(host, path)),
+        match decides {
             None => Lookup::NotFound,
+            Some(set) => match set.find(method) {
+                Some(route) => Lookup::Route(route),
+                None => Lookup::MethodNotAllowed(allow_header(
+                    set.entries
+                        .iter()
+                        .flat_map(|(m, _)| m.iter().flatten())
+                        .collect(),
+                )),
+            },
         }
     }
 
-    /// The `Allow` value for a host and path: every method of every route
-    /// set that matches them, at any level of host or path specificity.
-    fn allowed(&self, host: Option<&str>, path: &str) -> HeaderValue {
-        let mut methods: Vec<&Method> = Vec::new();
+    /// The routes whose host and path pattern decide a request's method:
+    /// those of the most specific pattern that matches (for `explain`).
+    pub fn deciding(&self, host: Option<&str>, path: &str) -> Vec<usize> {
+        let mut routes = Vec::new();
         self.walk(host, path, |set| {
-            methods.extend(set.entries.iter().flat_map(|(m, _)| m.iter().flatten()));
-            None
+            routes.extend(set.entries.iter().map(|(_, route)| *route));
+            Some(0)
         });
-        allow_header(methods)
+        routes
     }
 
     /// Visits matching route sets in precedence order: exact host, then
@@ -372,24 +383,28 @@ mod tests {
     }
 
     #[test]
-    fn allow_is_the_union_across_hosts_and_prefixes() {
+    fn the_most_specific_host_and_path_decide_the_method_alone() {
         let get: &[Method] = &[Method::GET];
         let post: &[Method] = &[Method::POST];
-        let put: &[Method] = &[Method::PUT];
         let idx = index(&[
             (exact("api.example.com"), prefix("/a"), Some(get)),
             (HostPattern::Any, prefix("/a/b"), Some(post)),
-            (HostPattern::Any, prefix("/other"), Some(put)),
+            (HostPattern::Any, prefix("/"), None),
         ]);
-        // POST is served there by the any-host route, so Allow must say so.
-        assert_eq!(
-            idx.lookup(Some("api.example.com"), "/a/b", &Method::POST),
-            Lookup::Route(1)
-        );
-        match idx.lookup(Some("api.example.com"), "/a/b", &Method::DELETE) {
-            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET, POST"),
+        // The exact host is more specific than any host, whatever the path.
+        match idx.lookup(Some("api.example.com"), "/a/b", &Method::POST) {
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "GET"),
             other => panic!("{other:?}"),
         }
+        // A longer prefix beats the catch-all, which is not consulted.
+        match idx.lookup(Some("other"), "/a/b/c", &Method::DELETE) {
+            Lookup::MethodNotAllowed(allow) => assert_eq!(allow, "POST"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            idx.lookup(Some("other"), "/x", &Method::DELETE),
+            Lookup::Route(2)
+        );
     }
 
     #[test]

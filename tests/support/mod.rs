@@ -6,6 +6,8 @@
 pub mod grpc;
 pub mod http;
 pub mod load;
+pub mod matrix;
+pub mod pki;
 pub mod upstream;
 
 use http::{buffered, read_body, read_head, Head};
