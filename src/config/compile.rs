@@ -1519,6 +1519,16 @@ routes:
     }
 
     #[test]
+    fn the_connect_timeout_outlasts_a_dropped_syn() {
+        let snapshot = compile_text(&format!("{BASE}routes: []\n")).unwrap();
+        // Linux resends a SYN after 1 s, then 3 s after the first.
+        assert_eq!(
+            snapshot.clusters[0].timeouts.connect,
+            Duration::from_secs(4)
+        );
+    }
+
+    #[test]
     fn a_valid_file_compiles() {
         let text = format!(
             "{BASE}admin: 127.0.0.1:3\nroutes:\n  - {{ name: a, path_prefix: /api/, upstream: users, strip_prefix: true, hosts: [\"*.Example.org\", api.example.com], methods: [GET] }}\n"

@@ -291,8 +291,12 @@ pub struct TimeoutsSpec {
     pub idle: DurationText,
 }
 
+/// Above Linux's SYN retransmissions at 1 s and 3 s (HAProxy's advice:
+/// slightly above a multiple of 3 s), so a SYN dropped by a full accept
+/// queue (a burst of new connections after an upgrade does it) costs a
+/// slower connect, not a failed request.
 fn default_connect() -> DurationText {
-    "1s".into()
+    "4s".into()
 }
 
 fn default_read_write() -> DurationText {
