@@ -371,24 +371,13 @@ fn a_route_timeout_bounds_all_attempts_together() {
     assert_eq!(a.hits() + b.hits(), 1);
 }
 
-/// A listener on 127.0.0.1 with a listen backlog of 0, nonblocking: its
-/// accept queue fills with a single connection.
+/// A listener on 127.0.0.1 whose accept queue holds one connection
+/// (a listen backlog of 0), nonblocking.
 fn tiny_backlog_listener() -> std::net::TcpListener {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor handed to the listener,
-    // which then owns it.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0, "socket");
-        let mut sa: libc::sockaddr_in = std::mem::zeroed();
-        sa.sin_family = libc::AF_INET as libc::sa_family_t;
-        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let bound = libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len);
-        assert_eq!(bound, 0, "bind");
-        assert_eq!(libc::listen(fd, 0), 0, "listen");
-        std::net::TcpListener::from_raw_fd(fd)
-    };
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // SAFETY: listen() again on a listening socket only sets its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
     listener.set_nonblocking(true).expect("nonblocking");
     listener
 }
