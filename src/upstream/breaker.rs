@@ -31,7 +31,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Connect failures in a row that open a target at once.
+/// Connect failures in a row that trip a target at once.
 pub const CONNECT_FAILURES: u32 = 3;
 
 const BUCKETS: usize = 10;
