@@ -114,8 +114,9 @@ fn a_client_resetting_streams_as_fast_as_it_opens_them_is_cut_off() {
 
 /// The upstream gets a 5 s connect timeout: 300 streams at once open up to
 /// 300 connections to the test upstream, whose accept queue (128) drops the
-/// excess SYNs; the kernel resends them after 1 s, which is the default
-/// connect timeout, and a few requests failed with 504 on a busy machine.
+/// excess SYNs; the kernel resends them after 1 s, which was the default
+/// connect timeout (4 s since), and a few requests failed with 504 on a
+/// busy machine. 5 s outlasts a few more resends.
 fn start_with(server_extra: &str) -> (Gateway, SocketAddr, Upstream) {
     let up = Upstream::start("a");
     let h2c: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

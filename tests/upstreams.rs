@@ -370,3 +370,79 @@ fn a_route_timeout_bounds_all_attempts_together() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(a.hits() + b.hits(), 1);
 }
+
+/// A listener on 127.0.0.1 whose accept queue holds one connection
+/// (a listen backlog of 0), nonblocking.
+fn tiny_backlog_listener() -> std::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // SAFETY: listen() again on a listening socket only sets its backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    listener.set_nonblocking(true).expect("nonblocking");
+    listener
+}
+
+/// How many times the kernel has resent the SYN of a connection being
+/// made to `port` (from /proc/net/tcp: state 02 is SYN_SENT, `retrnsmt`
+/// the retransmissions), if one is being made.
+fn syn_resends_to(port: u16) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let to_port = fields.get(2)?.rsplit(':').next()?;
+        (u16::from_str_radix(to_port, 16).ok()? == port && fields.get(3) == Some(&"02"))
+            .then(|| u32::from_str_radix(fields.get(6)?, 16).ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn a_dropped_syn_and_its_first_resend_cost_a_slower_connect_not_the_request() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let listener = tiny_backlog_listener();
+    let addr = listener.local_addr().expect("address");
+    // Fill the accept queue: Linux then drops every SYN to the port,
+    // as it does when a burst of connections overflows a real backlog.
+    let mut fillers = Vec::new();
+    while let Ok(conn) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+        fillers.push(conn);
+        assert!(fillers.len() < 8, "the accept queue never filled");
+    }
+    assert!(!fillers.is_empty());
+    // The default connect timeout, whatever it is.
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app: {{ targets: [\"{addr}\"] }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n"
+    ));
+    let gateway = gw.addr;
+    let request = std::thread::spawn(move || support::get(gateway, "h", "/x"));
+    // The first SYN and its first resend (1 s later) are dropped; the
+    // queue is emptied only then, so the next resend gets through.
+    let deadline = Instant::now() + support::WAIT;
+    while syn_resends_to(addr.port()).is_none_or(|n| n < 1)
+        && !request.is_finished()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fillers);
+    while !request.is_finished() && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                std::thread::spawn(move || {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(support::WAIT));
+                    let mut writer = conn.try_clone().expect("clone");
+                    let mut reader = support::http::buffered(conn);
+                    if let Ok(Some(_)) = support::http::read_head(&mut reader) {
+                        let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    }
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let resp = request.join().expect("request thread");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.body, b"ok");
+}

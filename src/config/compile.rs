@@ -14,7 +14,9 @@ use super::file::{ListenSpec, TargetSpec, TlsSpec, UpstreamTlsSpec};
 use super::limits::{
     ceiling, compile_consumer_rates, compile_rate_limit, compile_redis, compile_route_inflight,
 };
-use super::values::{parse_duration, parse_listen_address, parse_size, resolve_target};
+use super::values::{
+    parse_duration, parse_listen_address, parse_percent, parse_size, resolve_target,
+};
 use super::{ConfigError, ConfigErrors};
 use crate::auth::ip::{Cidr, TrustedProxies};
 use crate::downstream::head::MAX_HEADERS;
@@ -29,7 +31,7 @@ use crate::router::{
 };
 use crate::snapshot::{Draws, Pools, Snapshot};
 use crate::snapshot::{Listener, TlsListener, TlsVersion};
-use crate::upstream::breaker::{Breaker, BreakerSettings};
+use crate::upstream::breaker::{Breaker, BreakerSettings, StatusSet};
 use crate::upstream::health::{HealthProbe, HealthSettings, TICK};
 use crate::upstream::transport::{load_ca, load_client, Transport, UpstreamTls};
 use crate::upstream::{Balance, Cluster, HashKey, RetryOn, Timeouts};
@@ -960,12 +962,49 @@ fn breaker_settings(at: &str, spec: &CircuitBreakerSpec, errors: &mut Errors) ->
     if half_open_probes == 0 {
         errors.add(format!("{at}.half_open_probes"), "must be at least 1");
     }
+    let failure_statuses = match &spec.failure_statuses {
+        None => defaults.failure_statuses,
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .fold(StatusSet::EMPTY, |set, (i, &status)| {
+                match u16::try_from(status) {
+                    Ok(status) if (100..=599).contains(&status) => set.with(status),
+                    _ => {
+                        errors.add(
+                            format!("{at}.failure_statuses[{i}]"),
+                            format!("{status} is not a status from 100 to 599"),
+                        );
+                        set
+                    }
+                }
+            }),
+    };
+    let max_open_share = match &spec.max_open_share {
+        None => defaults.max_open_share,
+        Some(text) => match parse_percent(&text.0) {
+            Ok(0) => {
+                errors.add(
+                    format!("{at}.max_open_share"),
+                    "must be more than 0% (100% lets every target open)",
+                );
+                defaults.max_open_share
+            }
+            Ok(share) => share,
+            Err(e) => {
+                errors.add(format!("{at}.max_open_share"), e);
+                defaults.max_open_share
+            }
+        },
+    };
     BreakerSettings {
         window,
         min_requests,
         error_percent,
         open_for,
         half_open_probes,
+        failure_statuses,
+        max_open_share,
     }
 }
 
@@ -1428,6 +1467,64 @@ routes:
         assert!(
             errors[0].starts_with("routes[0].request_headers.set:"),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn circuit_breaker_statuses_and_share_are_checked_with_their_paths() {
+        let text = format!(
+            "{BASE}  a: {{ targets: [\"127.0.0.1:3\"], circuit_breaker: {{ failure_statuses: [500, 99, 600], max_open_share: 0% }} }}\n  b: {{ targets: [\"127.0.0.1:4\"], circuit_breaker: {{ max_open_share: 150% }} }}\n  c: {{ targets: [\"127.0.0.1:5\"], circuit_breaker: {{ max_open_share: 50 }} }}\n  d: {{ targets: [\"127.0.0.1:6\"], circuit_breaker: {{ max_open_share: 0.5 }} }}\nroutes: []\n"
+        );
+        let errors = compile_text(&text).unwrap_err();
+        for expect in [
+            "upstreams.a.circuit_breaker.failure_statuses[1]: 99 is not a status from 100 to 599",
+            "upstreams.a.circuit_breaker.failure_statuses[2]: 600 is not a status",
+            "upstreams.a.circuit_breaker.max_open_share: must be more than 0%",
+            "upstreams.b.circuit_breaker.max_open_share: \"150%\" is more than 100%",
+            "upstreams.c.circuit_breaker.max_open_share: 50 has no unit; write it as a percentage, like 50%",
+            "upstreams.d.circuit_breaker.max_open_share: 0.5 is not a percentage",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expect)),
+                "missing {expect:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), 6, "{errors:#?}");
+    }
+
+    #[test]
+    fn circuit_breaker_defaults_count_gateway_failures_and_cap_half() {
+        let text = format!(
+            "{BASE}  a: {{ targets: [\"127.0.0.1:3\"], circuit_breaker: {{}} }}\n  b: {{ targets: [\"127.0.0.1:4\"], circuit_breaker: {{ failure_statuses: [500, 502], max_open_share: 100% }} }}\nroutes: []\n"
+        );
+        let snapshot = compile_text(&text).unwrap();
+        let settings = |name: &str| {
+            let cluster = snapshot.clusters.iter().find(|c| c.name == name).unwrap();
+            cluster.targets[0]
+                .breaker
+                .as_ref()
+                .unwrap()
+                .settings
+                .clone()
+        };
+        let a = settings("a");
+        assert_eq!(
+            a.failure_statuses.iter().collect::<Vec<_>>(),
+            [502, 503, 504]
+        );
+        assert_eq!(a.max_open_share, 50);
+        let b = settings("b");
+        assert_eq!(b.failure_statuses.iter().collect::<Vec<_>>(), [500, 502]);
+        assert_eq!(b.max_open_share, 100);
+    }
+
+    #[test]
+    fn the_connect_timeout_outlasts_a_dropped_syn() {
+        let snapshot = compile_text(&format!("{BASE}routes: []\n")).unwrap();
+        // Linux resends a SYN after 1 s, then 3 s after the first.
+        assert_eq!(
+            snapshot.clusters[0].timeouts.connect,
+            Duration::from_secs(4)
         );
     }
 

@@ -240,6 +240,43 @@ impl From<&str> for DurationText {
     }
 }
 
+/// A share written as a percentage (`50%`), kept as text and parsed when
+/// compiled. A bare number is refused: `0.5` and `50` would each mean
+/// something else to someone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PercentText(pub String);
+
+impl<'de> Deserialize<'de> for PercentText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PercentText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a percentage, like 50%")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PercentText, E> {
+                Ok(PercentText(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PercentText, E> {
+                Err(E::custom(format!(
+                    "{v} has no unit; write it as a percentage, like {v}%"
+                )))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PercentText, E> {
+                Err(E::custom(format!(
+                    "{v} is not a percentage; write it like 50%"
+                )))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PercentText, E> {
+                Err(E::custom(format!(
+                    "{v} is not a percentage; write it like 50%"
+                )))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Per-upstream timeouts, each a duration string such as `500ms` or `10s`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,8 +291,12 @@ pub struct TimeoutsSpec {
     pub idle: DurationText,
 }
 
+/// Above Linux's SYN retransmissions at 1 s and 3 s (HAProxy's advice:
+/// slightly above a multiple of 3 s), so a SYN dropped by a full accept
+/// queue (a burst of new connections after an upgrade does it) costs a
+/// slower connect, not a failed request.
 fn default_connect() -> DurationText {
-    "1s".into()
+    "4s".into()
 }
 
 fn default_read_write() -> DurationText {
@@ -359,6 +400,10 @@ pub struct CircuitBreakerSpec {
     pub error_percent: Option<u32>,
     pub open_for: Option<DurationText>,
     pub half_open_probes: Option<u32>,
+    /// Upstream statuses that count as errors; default 502, 503, 504.
+    pub failure_statuses: Option<Vec<u32>>,
+    /// The largest share of the upstream's targets open at once (`50%`).
+    pub max_open_share: Option<PercentText>,
 }
 
 /// A route's rate limit.

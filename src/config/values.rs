@@ -79,6 +79,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses a percentage: `50%`, a whole number from 0 to 100 with its sign.
+pub fn parse_percent(text: &str) -> Result<u32, String> {
+    let bad = || format!("{text:?} is not a percentage; write it like 50%");
+    let number = text.trim().strip_suffix('%').ok_or_else(bad)?.trim_end();
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match number.parse::<u32>() {
+        Ok(percent) if percent <= 100 => Ok(percent),
+        _ => Err(format!("{text:?} is more than 100%")),
+    }
+}
+
 /// Parses a listener address: a literal `ip:port`. Listeners bind to what
 /// is written; a name here would make the bound address depend on DNS.
 pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
@@ -136,6 +149,20 @@ mod tests {
         assert!(parse_size("10").is_err());
         assert!(parse_size("10kb").is_err());
         assert!(parse_size("99999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn percentages_need_the_sign_and_stay_within_a_hundred() {
+        assert_eq!(parse_percent("50%"), Ok(50));
+        assert_eq!(parse_percent(" 100% "), Ok(100));
+        assert_eq!(parse_percent("0%"), Ok(0));
+        assert!(parse_percent("50").is_err());
+        assert!(parse_percent("0.5").is_err());
+        assert!(parse_percent("12.5%").is_err());
+        assert!(parse_percent("-5%").is_err());
+        assert!(parse_percent("%").is_err());
+        assert!(parse_percent("101%").is_err());
+        assert!(parse_percent("99999999999999999999%").is_err());
     }
 
     #[test]

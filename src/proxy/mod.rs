@@ -407,12 +407,10 @@ impl ProxyHttp for Gateway {
         let tunnel_idle = m.route.policy.websocket_idle_timeout;
         ctx.timing.upstream_latency = ctx.timing.upstream_start.map(|t| t.elapsed());
         if let Some(breaker) = ctx.attempt.breaker.take() {
-            let outcome = if upstream_response.status.is_server_error() {
-                Outcome::Error
-            } else {
-                Outcome::Success
-            };
-            breaker.record(outcome, Instant::now());
+            let outcome = breaker
+                .settings
+                .outcome_of(upstream_response.status.as_u16());
+            m_cluster.record(&breaker, outcome, Instant::now());
         }
         response::check_status(upstream_response)?;
         response::check_interim(upstream_response, &mut ctx.timing, &m_cluster)?;
@@ -613,8 +611,8 @@ impl Gateway {
         }
         // The target's fault (a stale pooled connection returned above
         // is not): its breaker counts it.
-        if let Some(breaker) = ctx.attempt.breaker.take() {
-            breaker.record(outcome, Instant::now());
+        if let (Some(breaker), Some(m)) = (ctx.attempt.breaker.take(), ctx.matched.as_ref()) {
+            m.cluster.record(&breaker, outcome, Instant::now());
         }
         if let Some(addr) = peer.address().as_inet() {
             ctx.attempt.tried.push(*addr);

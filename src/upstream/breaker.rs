@@ -2,15 +2,25 @@
 //! gets no traffic for a while, then a few probes decide whether it is back.
 //!
 //! - **Closed**: requests flow; outcomes are counted in a rolling window
-//!   (ten buckets of `window / 10`). Once the window holds at least
-//!   `min_requests` and errors (5xx, connect failures, timeouts) are at
-//!   least `error_percent` of them, the target opens. `CONNECT_FAILURES`
-//!   connect failures in a row open it at once (passive health), whatever
-//!   the counts.
+//!   (ten buckets of `window / 10`). Errors are what the gateway itself
+//!   saw go wrong: connect failures, resets, timeouts, and the statuses in
+//!   `failure_statuses` (502, 503, 504 by default). An upstream's own 500
+//!   is its answer to one request, which any client can provoke on purpose;
+//!   it is an error only when listed. Once the window holds at least
+//!   `min_requests` and errors are at least `error_percent` of them, the
+//!   breaker asks to open (`Verdict::Trip`). `CONNECT_FAILURES` connect
+//!   failures in a row ask at once (passive health), whatever the counts.
+//!   The upstream's [`super::Cluster`] decides: it opens the target only
+//!   while the upstream's open targets stay within `max_open_share`, and
+//!   otherwise *spares* it, so no client can cut every target off by
+//!   making its own requests fail.
 //! - **Open**: no traffic for `open_for`; the balancer skips the target the
 //!   way it skips an unhealthy one.
+//! - **Spared**: a target that tripped but was not allowed to open stays
+//!   closed and does not ask again for `open_for`.
 //! - **Half-open**: up to `half_open_probes` requests go through. Any
-//!   failure opens the target again; once that many succeeded it closes.
+//!   failure asks to open the target again (the same share decides); once
+//!   that many succeeded it closes.
 //!   Probes that never report (their client went away) are given up after
 //!   `open_for`, so the target cannot stay half-open forever.
 //!
@@ -21,7 +31,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Connect failures in a row that open a target at once.
+/// Connect failures in a row that trip a target at once.
 pub const CONNECT_FAILURES: u32 = 3;
 
 const BUCKETS: usize = 10;
@@ -34,10 +44,18 @@ pub struct BreakerSettings {
     pub error_percent: u32,
     pub open_for: Duration,
     pub half_open_probes: u32,
+    /// Upstream statuses that count as errors.
+    pub failure_statuses: StatusSet,
+    /// The largest share of the upstream's targets, in percent, that may
+    /// be open (or half-open) at once.
+    pub max_open_share: u32,
 }
 
 impl Default for BreakerSettings {
-    /// The seed's breaker: 50 % errors once 20 requests were seen, 5 s.
+    /// The seed's breaker: 50 % errors once 20 requests were seen, 5 s;
+    /// gateway failures only, at most half of the targets open (Envoy's
+    /// outlier detection counts "gateway failures" the same way, and its
+    /// panic threshold is 50 %).
     fn default() -> Self {
         BreakerSettings {
             window: Duration::from_secs(10),
@@ -45,7 +63,64 @@ impl Default for BreakerSettings {
             error_percent: 50,
             open_for: Duration::from_secs(5),
             half_open_probes: 3,
+            failure_statuses: StatusSet::GATEWAY_FAILURES,
+            max_open_share: 50,
         }
+    }
+}
+
+impl BreakerSettings {
+    /// How an answer with `status` counts.
+    pub fn outcome_of(&self, status: u16) -> Outcome {
+        if self.failure_statuses.contains(status) {
+            Outcome::Error
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// How many of `targets` may be open at once.
+    pub fn max_open(&self, targets: usize) -> usize {
+        targets.saturating_mul(self.max_open_share as usize) / 100
+    }
+}
+
+/// A set of HTTP status codes (100 to 599), one bit each: a response's
+/// status is looked up without a search.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub const EMPTY: StatusSet = StatusSet([0; 10]);
+
+    /// 502, 503 and 504: what a gateway answers when it could not get a
+    /// response, from tollgate's own upstreams as from a proxy in front of
+    /// them.
+    pub const GATEWAY_FAILURES: StatusSet = StatusSet::EMPTY.with(502).with(503).with(504);
+
+    /// The set with `status` added; statuses outside 100..=599 are left
+    /// out (the config refuses them before this).
+    pub const fn with(mut self, status: u16) -> StatusSet {
+        if status >= 100 && status <= 599 {
+            self.0[(status / 64) as usize] |= 1 << (status % 64);
+        }
+        self
+    }
+
+    pub fn contains(&self, status: u16) -> bool {
+        self.0
+            .get(usize::from(status / 64))
+            .is_some_and(|word| word & (1 << (status % 64)) != 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (100..=599).filter(|s| self.contains(*s))
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
     }
 }
 
@@ -86,6 +161,8 @@ struct State {
     phase: Phase,
     buckets: [Bucket; BUCKETS],
     connect_failures: u32,
+    /// Until when a target that was refused opening does not ask again.
+    spared_until: Option<Instant>,
 }
 
 /// One target's breaker.
@@ -101,11 +178,23 @@ pub struct Breaker {
 /// How an attempt on the target ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// An answer whose status is not in `failure_statuses`.
     Success,
-    /// A 5xx, a timeout, a broken response.
+    /// A status in `failure_statuses`, a timeout, a reset or broken
+    /// response.
     Error,
     /// The connection could not be made.
     ConnectFailure,
+}
+
+/// What the breaker asks of its upstream after an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to decide.
+    Stay,
+    /// The target should open: the upstream calls [`Breaker::trip`] or,
+    /// when too many of its targets are open already, [`Breaker::spare`].
+    Trip,
 }
 
 impl Breaker {
@@ -119,6 +208,7 @@ impl Breaker {
                 phase: Phase::Closed,
                 buckets: [Bucket::default(); BUCKETS],
                 connect_failures: 0,
+                spared_until: None,
             }),
         }
     }
@@ -190,29 +280,34 @@ impl Breaker {
         }
     }
 
-    /// Counts how an attempt ended.
-    pub fn record(&self, outcome: Outcome, now: Instant) {
+    /// Counts how an attempt ended, and says whether the target should
+    /// open. It opens only by [`Breaker::trip`], which the upstream calls
+    /// when its share of open targets allows.
+    pub fn record(&self, outcome: Outcome, now: Instant) -> Verdict {
         let mut state = self.lock();
         let failed = outcome != Outcome::Success;
         match state.phase {
-            Phase::Open { .. } => {}
+            Phase::Open { .. } => Verdict::Stay,
             Phase::HalfOpen {
                 succeeded,
                 admitted,
                 since,
             } => {
                 if failed {
-                    self.open(&mut state, now);
-                } else if succeeded + 1 >= self.settings.half_open_probes {
-                    state.phase = Phase::Closed;
-                    state.buckets = [Bucket::default(); BUCKETS];
-                    state.connect_failures = 0;
+                    Verdict::Trip
                 } else {
-                    state.phase = Phase::HalfOpen {
-                        admitted,
-                        succeeded: succeeded + 1,
-                        since,
-                    };
+                    if succeeded + 1 >= self.settings.half_open_probes {
+                        state.phase = Phase::Closed;
+                        state.buckets = [Bucket::default(); BUCKETS];
+                        state.connect_failures = 0;
+                    } else {
+                        state.phase = Phase::HalfOpen {
+                            admitted,
+                            succeeded: succeeded + 1,
+                            since,
+                        };
+                    }
+                    Verdict::Stay
                 }
             }
             Phase::Closed => {
@@ -232,8 +327,8 @@ impl Breaker {
                 }
                 bucket.requests += 1;
                 bucket.errors += u32::from(failed);
-                if !failed {
-                    return;
+                if !failed || state.spared_until.is_some_and(|until| now < until) {
+                    return Verdict::Stay;
                 }
                 let (requests, errors) = state
                     .buckets
@@ -245,18 +340,51 @@ impl Breaker {
                 let tripped = requests >= u64::from(self.settings.min_requests)
                     && errors * 100 >= u64::from(self.settings.error_percent) * requests;
                 if tripped || state.connect_failures >= CONNECT_FAILURES {
-                    self.open(&mut state, now);
+                    Verdict::Trip
+                } else {
+                    Verdict::Stay
                 }
             }
         }
     }
 
-    fn open(&self, state: &mut State, now: Instant) {
-        state.phase = Phase::Open {
-            until: now + self.settings.open_for,
-        };
-        state.buckets = [Bucket::default(); BUCKETS];
-        state.connect_failures = 0;
+    /// Opens the target (after a [`Verdict::Trip`]), unless it is open
+    /// already: a second failure reported meanwhile does not extend it.
+    pub fn trip(&self, now: Instant) {
+        let mut state = self.lock();
+        if !matches!(state.phase, Phase::Open { .. }) {
+            state.phase = Phase::Open {
+                until: now + self.settings.open_for,
+            };
+            state.buckets = [Bucket::default(); BUCKETS];
+            state.connect_failures = 0;
+            state.spared_until = None;
+        }
+    }
+
+    /// Keeps the target closed although it tripped, because too many of
+    /// the upstream's targets are open: it takes traffic as before and
+    /// does not ask to open again for `open_for`. A half-open target
+    /// closes. Its window is kept, so once the time is up and a sibling
+    /// has closed, one more failure is enough to ask again.
+    pub fn spare(&self, now: Instant) {
+        let mut state = self.lock();
+        match state.phase {
+            Phase::Open { .. } => {}
+            Phase::HalfOpen { .. } => {
+                state.phase = Phase::Closed;
+                state.buckets = [Bucket::default(); BUCKETS];
+                state.connect_failures = 0;
+                state.spared_until = Some(now + self.settings.open_for);
+            }
+            Phase::Closed => state.spared_until = Some(now + self.settings.open_for),
+        }
+    }
+
+    /// Whether the target counts against the upstream's `max_open_share`:
+    /// open, or half-open (still on trial).
+    pub fn is_open(&self) -> bool {
+        !matches!(self.lock().phase, Phase::Closed)
     }
 }
 
@@ -271,9 +399,17 @@ mod tests {
             error_percent: 50,
             open_for: Duration::from_secs(5),
             half_open_probes: 3,
+            ..BreakerSettings::default()
         });
         let t = b.epoch;
         (b, t)
+    }
+
+    /// Records as an upstream with room for another open target does.
+    fn feed(b: &Breaker, outcome: Outcome, now: Instant) {
+        if b.record(outcome, now) == Verdict::Trip {
+            b.trip(now);
+        }
     }
 
     #[test]
@@ -281,10 +417,10 @@ mod tests {
         let (b, t) = breaker();
         // 19 errors: under min_requests, still closed.
         for _ in 0..19 {
-            b.record(Outcome::Error, t);
+            feed(&b, Outcome::Error, t);
         }
         assert_eq!(b.phase(t), Phase::Closed);
-        b.record(Outcome::Error, t);
+        feed(&b, Outcome::Error, t);
         assert!(matches!(b.phase(t), Phase::Open { .. }));
         assert!(!b.try_admit(t + Duration::from_secs(4)));
     }
@@ -299,7 +435,7 @@ mod tests {
             } else {
                 Outcome::Success
             };
-            b.record(outcome, t);
+            feed(&b, outcome, t);
         }
         assert_eq!(b.phase(t), Phase::Closed);
     }
@@ -308,12 +444,12 @@ mod tests {
     fn old_outcomes_leave_the_window() {
         let (b, t) = breaker();
         for _ in 0..15 {
-            b.record(Outcome::Error, t);
+            feed(&b, Outcome::Error, t);
         }
         // Eleven seconds later those fifteen are out of the window.
         let later = t + Duration::from_secs(11);
         for _ in 0..10 {
-            b.record(Outcome::Error, later);
+            feed(&b, Outcome::Error, later);
         }
         assert_eq!(b.phase(later), Phase::Closed);
     }
@@ -322,15 +458,15 @@ mod tests {
     fn half_open_probes_close_it_or_a_failure_reopens_it() {
         let (b, t) = breaker();
         for _ in 0..20 {
-            b.record(Outcome::Error, t);
+            feed(&b, Outcome::Error, t);
         }
         let after = t + Duration::from_secs(5);
         // Three probes, no fourth.
         assert!(b.try_admit(after) && b.try_admit(after) && b.try_admit(after));
         assert!(!b.try_admit(after));
         assert!(b.is_blocking(after));
-        b.record(Outcome::Success, after);
-        b.record(Outcome::Error, after);
+        feed(&b, Outcome::Success, after);
+        feed(&b, Outcome::Error, after);
         assert!(
             matches!(b.phase(after), Phase::Open { .. }),
             "a failed probe reopens"
@@ -340,7 +476,7 @@ mod tests {
             assert!(b.try_admit(again));
         }
         for _ in 0..3 {
-            b.record(Outcome::Success, again);
+            feed(&b, Outcome::Success, again);
         }
         assert_eq!(b.phase(again), Phase::Closed);
         assert!(b.try_admit(again));
@@ -349,13 +485,13 @@ mod tests {
     #[test]
     fn connect_failures_in_a_row_open_at_once() {
         let (b, t) = breaker();
-        b.record(Outcome::ConnectFailure, t);
-        b.record(Outcome::ConnectFailure, t);
-        b.record(Outcome::Success, t);
-        b.record(Outcome::ConnectFailure, t);
-        b.record(Outcome::ConnectFailure, t);
+        feed(&b, Outcome::ConnectFailure, t);
+        feed(&b, Outcome::ConnectFailure, t);
+        feed(&b, Outcome::Success, t);
+        feed(&b, Outcome::ConnectFailure, t);
+        feed(&b, Outcome::ConnectFailure, t);
         assert_eq!(b.phase(t), Phase::Closed, "the run was broken by a success");
-        b.record(Outcome::ConnectFailure, t);
+        feed(&b, Outcome::ConnectFailure, t);
         assert!(matches!(b.phase(t), Phase::Open { .. }));
     }
 
@@ -363,7 +499,7 @@ mod tests {
     fn probes_that_never_report_are_given_up() {
         let (b, t) = breaker();
         for _ in 0..20 {
-            b.record(Outcome::Error, t);
+            feed(&b, Outcome::Error, t);
         }
         let after = t + Duration::from_secs(5);
         for _ in 0..3 {
@@ -371,5 +507,98 @@ mod tests {
         }
         assert!(!b.try_admit(after + Duration::from_secs(1)));
         assert!(b.try_admit(after + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn only_gateway_failures_are_errors_unless_listed() {
+        let defaults = BreakerSettings::default();
+        for status in [502, 503, 504] {
+            assert_eq!(defaults.outcome_of(status), Outcome::Error, "{status}");
+        }
+        for status in [200, 404, 429, 500, 501, 505] {
+            assert_eq!(defaults.outcome_of(status), Outcome::Success, "{status}");
+        }
+        let with_500 = BreakerSettings {
+            failure_statuses: StatusSet::EMPTY.with(500),
+            ..defaults
+        };
+        assert_eq!(with_500.outcome_of(500), Outcome::Error);
+        assert_eq!(with_500.outcome_of(502), Outcome::Success);
+    }
+
+    #[test]
+    fn a_status_set_holds_exactly_its_statuses() {
+        let set = StatusSet::EMPTY.with(100).with(599).with(500);
+        assert_eq!(set.iter().collect::<Vec<_>>(), [100, 500, 599]);
+        assert!(!set.contains(0) && !set.contains(99) && !set.contains(600));
+        assert!(!set.contains(u16::MAX));
+        assert_eq!(StatusSet::EMPTY.with(99).with(600), StatusSet::EMPTY);
+        assert_eq!(
+            format!("{:?}", StatusSet::GATEWAY_FAILURES),
+            "{502, 503, 504}"
+        );
+    }
+
+    #[test]
+    fn the_open_share_rounds_down() {
+        let half = BreakerSettings::default();
+        assert_eq!(half.max_open(1), 0, "a lone target never opens at 50%");
+        assert_eq!(half.max_open(2), 1);
+        assert_eq!(half.max_open(3), 1);
+        assert_eq!(half.max_open(4), 2);
+        let all = BreakerSettings {
+            max_open_share: 100,
+            ..half
+        };
+        assert_eq!(all.max_open(1), 1);
+        assert_eq!(all.max_open(3), 3);
+    }
+
+    #[test]
+    fn tripping_asks_the_upstream_and_opens_only_when_told() {
+        let (b, t) = breaker();
+        for _ in 0..19 {
+            assert_eq!(b.record(Outcome::Error, t), Verdict::Stay);
+        }
+        assert_eq!(b.record(Outcome::Error, t), Verdict::Trip);
+        assert_eq!(b.phase(t), Phase::Closed, "record alone never opens");
+        assert!(!b.is_open());
+        b.trip(t);
+        assert!(b.is_open());
+        // A second trip while open does not push the end further away.
+        b.trip(t + Duration::from_secs(1));
+        assert!(b.try_admit(t + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_spared_target_keeps_traffic_and_asks_again_after_open_for() {
+        let (b, t) = breaker();
+        for _ in 0..19 {
+            b.record(Outcome::Error, t);
+        }
+        assert_eq!(b.record(Outcome::Error, t), Verdict::Trip);
+        b.spare(t);
+        assert!(b.try_admit(t) && !b.is_blocking(t));
+        let soon = t + Duration::from_secs(4);
+        assert_eq!(b.record(Outcome::Error, soon), Verdict::Stay);
+        assert_eq!(b.record(Outcome::ConnectFailure, soon), Verdict::Stay);
+        // The window was kept: once open_for is over, one failure asks.
+        let later = t + Duration::from_secs(5);
+        assert_eq!(b.record(Outcome::Error, later), Verdict::Trip);
+    }
+
+    #[test]
+    fn a_failed_probe_that_is_spared_closes_the_target() {
+        let (b, t) = breaker();
+        for _ in 0..20 {
+            feed(&b, Outcome::Error, t);
+        }
+        let after = t + Duration::from_secs(5);
+        assert!(b.try_admit(after));
+        assert_eq!(b.record(Outcome::Error, after), Verdict::Trip);
+        b.spare(after);
+        assert_eq!(b.phase(after), Phase::Closed);
+        assert!(!b.is_open());
+        assert!(b.try_admit(after));
     }
 }

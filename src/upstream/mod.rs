@@ -10,7 +10,7 @@ pub mod breaker;
 pub mod health;
 pub mod transport;
 
-use breaker::Breaker;
+use breaker::{Breaker, Outcome, Verdict};
 use health::HealthProbe;
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, Random, RoundRobin};
@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,11 @@ pub struct Cluster {
     pub max_inflight: Option<crate::limit::inflight::Ceiling>,
     /// Whether the targets have circuit breakers.
     has_breakers: bool,
+    /// Taken while deciding whether a target may open, so two targets
+    /// tripping at once cannot both take the last place under
+    /// `max_open_share`. Never held across an await; only failures that
+    /// trip a breaker take it.
+    open_decision: Mutex<()>,
     /// The upstream's metric handles.
     pub metrics: crate::observe::metrics::UpstreamMetrics,
     selector: Selector,
@@ -216,6 +221,7 @@ impl Cluster {
             health,
             max_inflight: None,
             has_breakers: false,
+            open_decision: Mutex::new(()),
             selector,
         }
     }
@@ -305,6 +311,50 @@ impl Cluster {
         self.has_breakers = !breakers.is_empty();
         for (target, breaker) in self.targets.iter_mut().zip(breakers) {
             target.breaker = Some(breaker);
+        }
+    }
+
+    /// Counts how an attempt on the target of `breaker` ended. A target
+    /// that trips opens only if the upstream's open targets stay within
+    /// `max_open_share`; otherwise it is spared and keeps its traffic, as
+    /// Envoy's `max_ejection_percent` keeps hosts in: a failing upstream
+    /// still answers (with its own errors) rather than the breaker
+    /// answering 503 for all of it, and no client can take every target
+    /// out by making its own requests fail.
+    pub fn record(&self, breaker: &Arc<Breaker>, outcome: Outcome, now: Instant) {
+        if breaker.record(outcome, now) == Verdict::Stay {
+            return;
+        }
+        let _decision = self
+            .open_decision
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let others_open = self
+            .targets
+            .iter()
+            .filter_map(|t| t.breaker.as_ref())
+            .filter(|b| !Arc::ptr_eq(b, breaker) && b.is_open())
+            .count();
+        let max_open = breaker.settings.max_open(self.targets.len());
+        if others_open < max_open {
+            breaker.trip(now);
+            return;
+        }
+        breaker.spare(now);
+        let target = self
+            .targets
+            .iter()
+            .find(|t| t.breaker.as_ref().is_some_and(|b| Arc::ptr_eq(b, breaker)));
+        if let Some(target) = target {
+            // At most once per `open_for` per target: a spared breaker does
+            // not ask again before that.
+            log::warn!(
+                "upstream {}: target {} is failing but stays in use: {others_open} of {} targets are open already (max_open_share {}%)",
+                self.name,
+                target.addr,
+                self.targets.len(),
+                breaker.settings.max_open_share,
+            );
         }
     }
 
@@ -504,5 +554,93 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(c.select(b"client-a", &[]), first);
         }
+    }
+
+    fn with_breakers(targets: &[(&str, u32)], settings: breaker::BreakerSettings) -> Cluster {
+        let mut c = cluster(Balance::RoundRobin, targets);
+        c.set_breakers(
+            targets
+                .iter()
+                .map(|_| Arc::new(Breaker::new(settings.clone())))
+                .collect(),
+        );
+        c
+    }
+
+    fn quick_trip() -> breaker::BreakerSettings {
+        breaker::BreakerSettings {
+            min_requests: 2,
+            ..Default::default()
+        }
+    }
+
+    /// Fails target `i` until its breaker has asked to open.
+    fn fail(c: &Cluster, i: usize, now: Instant) {
+        let b = Arc::clone(c.targets[i].breaker.as_ref().unwrap());
+        for _ in 0..2 {
+            c.record(&b, Outcome::Error, now);
+        }
+    }
+
+    #[test]
+    fn a_lone_target_is_never_cut_off_at_the_default_share() {
+        let c = with_breakers(&[("127.0.0.1:1", 1)], quick_trip());
+        let now = Instant::now();
+        fail(&c, 0, now);
+        assert!(!c.targets[0].breaker.as_ref().unwrap().is_open());
+        assert_eq!(c.select(b"", &[]), Some(0));
+        assert!(!c.circuits_open(&[]));
+    }
+
+    #[test]
+    fn a_lone_target_opens_when_the_share_allows_every_target() {
+        let settings = breaker::BreakerSettings {
+            max_open_share: 100,
+            ..quick_trip()
+        };
+        let c = with_breakers(&[("127.0.0.1:1", 1)], settings);
+        fail(&c, 0, Instant::now());
+        assert_eq!(c.select(b"", &[]), None);
+        assert!(c.circuits_open(&[]));
+    }
+
+    #[test]
+    fn half_of_two_targets_may_open_and_the_other_keeps_its_traffic() {
+        let c = with_breakers(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)], quick_trip());
+        let now = Instant::now();
+        fail(&c, 0, now);
+        fail(&c, 1, now);
+        let open: Vec<bool> = c
+            .targets
+            .iter()
+            .map(|t| t.breaker.as_ref().unwrap().is_open())
+            .collect();
+        assert_eq!(open, [true, false]);
+        for _ in 0..4 {
+            assert_eq!(c.select(b"", &[]), Some(1));
+        }
+        assert!(!c.circuits_open(&[]));
+    }
+
+    #[test]
+    fn a_spared_target_may_open_once_its_sibling_closed() {
+        let settings = breaker::BreakerSettings {
+            half_open_probes: 1,
+            ..quick_trip()
+        };
+        let c = with_breakers(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)], settings);
+        let now = Instant::now();
+        fail(&c, 0, now);
+        fail(&c, 1, now);
+        // Target 0 comes back: one good probe closes it.
+        let later = now + Duration::from_secs(5);
+        let first = Arc::clone(c.targets[0].breaker.as_ref().unwrap());
+        assert!(first.try_admit(later));
+        c.record(&first, Outcome::Success, later);
+        assert!(!first.is_open());
+        // Target 1, spared until now, still fails: it opens now.
+        let second = Arc::clone(c.targets[1].breaker.as_ref().unwrap());
+        c.record(&second, Outcome::Error, later);
+        assert!(second.is_open());
     }
 }
