@@ -162,11 +162,17 @@ impl RemoteKeys {
         state.in_flight = false;
         match result {
             Ok(set) => {
-                if self.keys.load().lost_keys_in(&set) {
+                let lost = self.keys.load().lost_keys_in(&set);
+                let count = set.len();
+                // The keys first, then the generation: a request that reads
+                // the new generation then finds the new keys, so nothing is
+                // remembered under it that a dropped key verified. (A
+                // request that read the old one and verified with a new key
+                // only costs a verification once more.)
+                self.keys.store(Arc::new(set));
+                if lost {
                     self.generation.fetch_add(1, Ordering::AcqRel);
                 }
-                let count = set.len();
-                self.keys.store(Arc::new(set));
                 state.last_success = Some(Instant::now());
                 if state.failing {
                     log::warn!(
