@@ -851,3 +851,20 @@ fn a_refetched_jwks_with_a_new_key_under_a_remembered_kid_refuses_the_old_keys_t
         "a token of the replaced key passed from the cache"
     );
 }
+
+#[test]
+fn an_issuer_list_holding_the_issuer_is_not_the_issuer() {
+    let up = Upstream::start("a");
+    let gw = start(&up);
+    for iss in [json!([ISSUER, "x"]), json!([ISSUER])] {
+        let mut c = claims();
+        c["iss"] = iss.clone();
+        let resp = bearer(&gw, "/orders", &mint(Algorithm::HS256, "hs1", &c));
+        assert_eq!(resp.assert_gateway_error(401), "unauthorized", "iss {iss}");
+    }
+    assert_eq!(up.hits(), 0);
+    assert_eq!(
+        bearer(&gw, "/orders", &mint(Algorithm::HS256, "hs1", &claims())).status,
+        200
+    );
+}
