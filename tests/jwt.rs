@@ -868,3 +868,17 @@ fn an_issuer_list_holding_the_issuer_is_not_the_issuer() {
         200
     );
 }
+
+#[test]
+fn t_refuses_a_leeway_over_five_minutes() {
+    let text = |leeway: &str| {
+        format!(
+            "listen: [\"127.0.0.1:1\"]\nauth:\n  jwt:\n    main:\n      leeway: {leeway}\n      keys: [{{ kid: k, alg: HS256, secret: s3cret }}]\nupstreams:\n  app: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app, auth: [jwt:main] }}\n"
+        )
+    };
+    let (code, _, err) = check_config(&text("5m"));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = check_config(&text("1h"));
+    assert_ne!(code, 0, "a leeway of an hour passed -t");
+    assert!(err.contains("auth.jwt.main.leeway"), "{err}");
+}

@@ -22,6 +22,10 @@ use std::time::Duration;
 
 /// Clock skew allowed unless `leeway` says otherwise.
 const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// The most clock skew `leeway` may allow: beyond it, an expired token is
+/// no longer expired in any useful sense, and a clock that far off needs
+/// fixing, not tolerating.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
 /// Largest key file read.
 const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
@@ -317,10 +321,24 @@ fn compile_jwt_provider(
         fingerprint.update(bytes);
     };
     let leeway = match &spec.leeway {
-        Some(text) => parse_duration(&text.0).unwrap_or_else(|e| {
-            errors.add(format!("{at}.leeway"), e);
-            DEFAULT_LEEWAY
-        }),
+        Some(text) => match parse_duration(&text.0) {
+            Ok(leeway) if leeway > MAX_LEEWAY => {
+                errors.add(
+                    format!("{at}.leeway"),
+                    format!(
+                        "{:?} is more than the {}s allowed; fix the clocks instead",
+                        text.0,
+                        MAX_LEEWAY.as_secs()
+                    ),
+                );
+                DEFAULT_LEEWAY
+            }
+            Ok(leeway) => leeway,
+            Err(e) => {
+                errors.add(format!("{at}.leeway"), e);
+                DEFAULT_LEEWAY
+            }
+        },
         None => DEFAULT_LEEWAY,
     };
     if spec.issuer.as_deref() == Some("") {
@@ -537,4 +555,40 @@ fn read_limited(base: &Path, name: &str) -> Result<Vec<u8>, String> {
         ));
     }
     std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::compile::compile;
+    use crate::config::parse_partial;
+    use crate::snapshot::Pools;
+    use std::path::Path;
+
+    /// The errors of a file with one JWT provider whose settings are
+    /// `provider` (YAML flow-map entries).
+    fn provider_errors(provider: &str) -> Vec<String> {
+        let text = format!(
+            "listen: [\"127.0.0.1:1\"]\nauth:\n  jwt:\n    main: {{ keys: [{{ kid: k, alg: HS256, secret: s3cret }}], {provider} }}\nupstreams:\n  a: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: a, auth: [jwt:main] }}\n"
+        );
+        let (file, parse_errors) = match parse_partial(&text) {
+            Ok(parsed) => parsed,
+            Err(e) => return e.0.iter().map(ToString::to_string).collect(),
+        };
+        match compile(file, parse_errors, None, &Pools::default(), Path::new(".")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn leeway_is_bounded() {
+        assert!(provider_errors("leeway: 5m").is_empty());
+        assert!(provider_errors("leeway: 0s").is_empty());
+        let errors = provider_errors("leeway: 301s");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("auth.jwt.main.leeway: \"301s\" is more than the 300s"),
+            "{errors:?}"
+        );
+    }
 }

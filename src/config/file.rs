@@ -418,7 +418,7 @@ pub struct JwtProviderSpec {
     pub issuer: Option<String>,
     /// `aud` must hold one of them when set.
     pub audiences: Option<Vec<String>>,
-    /// Clock skew allowed for `exp`, `nbf`, `iat`; default 30s.
+    /// Clock skew allowed for `exp`, `nbf`, `iat`; default 30s, at most 5m.
     pub leeway: Option<DurationText>,
     #[serde(default)]
     pub keys: Vec<JwtKeySpec>,
