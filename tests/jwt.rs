@@ -882,3 +882,34 @@ fn t_refuses_a_leeway_over_five_minutes() {
     assert_ne!(code, 0, "a leeway of an hour passed -t");
     assert!(err.contains("auth.jwt.main.leeway"), "{err}");
 }
+
+#[test]
+fn the_token_cache_is_bounded_by_bytes() {
+    let up = Upstream::start("a");
+    let body = format!(
+        "auth:\n  jwt:\n    main:\n      keys: [{{ kid: k, alg: HS256, secret: \"{HS_SECRET}\" }}]\n      cache_bytes: 1MiB\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app, auth: [jwt:main] }}\n",
+        up.addr
+    );
+    let gw = Gateway::start(&body);
+    // 400 distinct tokens of about 4 KB: 1.6 MB of tokens alone.
+    let padding = "p".repeat(3000);
+    for i in 0..400 {
+        let token = forge(
+            &json!({"alg": "HS256", "kid": "k"}),
+            &json!({"sub": format!("user-{i}"), "exp": now() + 600, "pad": padding}),
+            Some(HS_SECRET.as_bytes()),
+        );
+        assert!(token.len() > 4000);
+        assert_eq!(bearer(&gw, "/", &token).status, 200, "token {i}");
+    }
+    let cache = &gw.admin_get("/auth").json()["jwt"]["main"]["cache"];
+    let (entries, bytes) = (
+        cache["entries"].as_u64().unwrap(),
+        cache["bytes"].as_u64().unwrap(),
+    );
+    assert!(bytes <= 1 << 20, "{bytes} bytes in the cache");
+    assert!(
+        (100..=256).contains(&entries),
+        "{entries} entries of about 4 KB in 1 MiB"
+    );
+}

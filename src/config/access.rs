@@ -3,9 +3,9 @@
 
 use super::compile::{duration_at, valid_name, Errors, FRAMING_HEADERS};
 use super::file::{CorsSpec, FileConfig, JwtKeySpec, JwtProviderSpec, RouteSpec};
-use super::values::parse_duration;
+use super::values::{parse_duration, parse_size};
 use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
-use crate::auth::cache::{TokenCache, DEFAULT_ENTRIES};
+use crate::auth::cache::{TokenCache, DEFAULT_BYTES, DEFAULT_ENTRIES, MIN_BYTES};
 use crate::auth::cors::CorsPolicy;
 use crate::auth::ip::Cidr;
 use crate::auth::jwt::keys::{self, KeySet, PinnedKey};
@@ -459,6 +459,24 @@ fn compile_jwt_provider(
         errors.add(format!("{at}.cache_size"), "must be at least 1");
     }
     fingerprint.update(cache_size.to_le_bytes());
+    let cache_bytes = match &spec.cache_bytes {
+        Some(text) => match parse_size(&text.0) {
+            Ok(bytes) if bytes < MIN_BYTES => {
+                errors.add(
+                    format!("{at}.cache_bytes"),
+                    format!("must be at least {}MiB", MIN_BYTES >> 20),
+                );
+                DEFAULT_BYTES
+            }
+            Ok(bytes) => bytes,
+            Err(e) => {
+                errors.add(format!("{at}.cache_bytes"), e);
+                DEFAULT_BYTES
+            }
+        },
+        None => DEFAULT_BYTES,
+    };
+    fingerprint.update(cache_bytes.to_le_bytes());
     if errors.0.len() > before {
         return None;
     }
@@ -466,7 +484,7 @@ fn compile_jwt_provider(
     let cache = pools
         .token_caches
         .draw::<()>(&mut draws.token_caches, name, &digest, || {
-            Ok(TokenCache::new(cache_size))
+            Ok(TokenCache::new(cache_size, cache_bytes))
         })
         .ok()?;
     Some(Provider::new(
@@ -590,5 +608,22 @@ mod tests {
             errors[0].starts_with("auth.jwt.main.leeway: \"301s\" is more than the 300s"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn cache_bytes_is_a_size_of_at_least_1_mib() {
+        assert!(provider_errors("cache_bytes: 1MiB").is_empty());
+        assert!(provider_errors("cache_bytes: 1GiB, cache_size: 10").is_empty());
+        for (text, error) in [
+            ("cache_bytes: 1023KiB", "must be at least 1MiB"),
+            ("cache_bytes: 64MB", "unknown unit"),
+            ("cache_bytes: 65536", "has no unit"),
+        ] {
+            let errors = provider_errors(text);
+            assert!(
+                errors[0].starts_with("auth.jwt.main.cache_bytes") && errors[0].contains(error),
+                "{text}: {errors:?}"
+            );
+        }
     }
 }

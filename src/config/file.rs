@@ -431,6 +431,8 @@ pub struct JwtProviderSpec {
     pub forward_claims: BTreeMap<String, String>,
     /// Verified tokens remembered; default 100,000.
     pub cache_size: Option<usize>,
+    /// Bytes the remembered tokens may take; default 64MiB.
+    pub cache_bytes: Option<SizeText>,
 }
 
 /// One configured key, pinned to one algorithm.

@@ -16,7 +16,7 @@
 pub mod keys;
 pub mod remote;
 
-use super::cache::TokenCache;
+use super::cache::{HeapSize, TokenCache};
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderName, HeaderValue};
@@ -46,6 +46,22 @@ pub struct Verified {
     /// The `forward_claims` headers, named as configured (Pingora keeps
     /// the case of a name given as bytes, without a copy per insert).
     pub headers: Vec<(Bytes, HeaderValue)>,
+}
+
+impl HeapSize for Verified {
+    fn heap_bytes(&self) -> usize {
+        fn strings(list: &Vec<String>) -> usize {
+            list.capacity() * std::mem::size_of::<String>()
+                + list.iter().map(String::capacity).sum::<usize>()
+        }
+        // A header's name is shared with the provider's configuration;
+        // its value is the entry's own.
+        self.subject.capacity()
+            + strings(&self.scopes)
+            + strings(&self.groups)
+            + self.headers.capacity() * std::mem::size_of::<(Bytes, HeaderValue)>()
+            + self.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+    }
 }
 
 /// Why a token was refused: the 401's message.
@@ -364,6 +380,7 @@ impl Provider {
             "jwks": self.remote.as_ref().map(|r| r.status()),
             "cache": {
                 "entries": self.cache.len(),
+                "bytes": self.cache.weight(),
                 "hits": self.cache.hits(),
                 "verifications": self.cache.verifications.load(Ordering::Relaxed),
             },
@@ -494,7 +511,7 @@ mod tests {
             None,
             &rules,
             vec![Forward::new("sub".into(), "X-User-Id").unwrap()],
-            Arc::new(TokenCache::new(100)),
+            Arc::new(TokenCache::new(100, 1 << 20)),
         )
     }
 
