@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tollgate::auth::cache::TokenCache;
+use tollgate::auth::cache::{TokenCache, DEFAULT_BYTES};
 use tollgate::auth::jwt::keys::{self, KeySet, PinnedKey};
 use tollgate::auth::jwt::{ClaimRules, Forward, Provider, TokenCheck};
 
@@ -136,7 +136,7 @@ fn jwt(c: &mut Criterion) {
             leeway: 30,
         },
         vec![Forward::new("sub".into(), "X-User-Id").unwrap()],
-        Arc::new(TokenCache::new(1000)),
+        Arc::new(TokenCache::new(1000, DEFAULT_BYTES)),
     );
 
     let mut group = c.benchmark_group("jwt_verify_uncached");

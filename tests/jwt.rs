@@ -25,8 +25,10 @@ struct Keys {
     rsa: Vec<u8>,
     ec: Vec<u8>,
     ed: Vec<u8>,
-    /// Another RSA key, the attacker's.
+    /// Another RSA key, the attacker's (or the next one of a rotation).
     evil: Vec<u8>,
+    /// Another P-256 key.
+    ec2: Vec<u8>,
 }
 
 fn openssl(args: &[&str]) {
@@ -71,6 +73,10 @@ fn keys() -> &'static Keys {
             ),
             ed: make("ed", &["-algorithm", "ed25519"]),
             evil: make("evil", &rsa_args),
+            ec2: make(
+                "ec2",
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            ),
             dir,
         }
     })
@@ -733,4 +739,177 @@ fn t_validates_providers_and_their_keys() {
     );
     assert!(err.contains("auth.jwt.main.jwks_url"), "{err}");
     assert!(err.contains("auth.jwt.main.forward_claims.sub"), "{err}");
+}
+
+/// The encoding key of a private PEM key for `alg`.
+fn encoding_of(private: &[u8], alg: Algorithm) -> EncodingKey {
+    match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(private).unwrap(),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(private).unwrap(),
+        other => panic!("no test key for {other:?}"),
+    }
+}
+
+/// A token signed with `private` (PEM) for `alg`, naming `kid`.
+fn signed_with(private: &[u8], alg: Algorithm, kid: &str) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    let claims = json!({"sub": "s", "exp": now() + 600});
+    encode(&header, &claims, &encoding_of(private, alg)).unwrap()
+}
+
+/// A JWKS document with the public halves of `keys`: (kid, private PEM,
+/// algorithm).
+fn jwks_of(keys: &[(&str, &[u8], Algorithm)]) -> String {
+    let set = JwkSet {
+        keys: keys
+            .iter()
+            .map(|(kid, private, alg)| {
+                let mut jwk = Jwk::from_encoding_key(&encoding_of(private, *alg), *alg).unwrap();
+                jwk.common.key_id = Some((*kid).to_owned());
+                jwk
+            })
+            .collect(),
+    };
+    serde_json::to_string(&set).unwrap()
+}
+
+#[test]
+fn a_new_key_under_a_remembered_kid_in_a_jwks_file_refuses_the_old_keys_tokens() {
+    let up = Upstream::start("a");
+    let k = keys();
+    let file = scratch_dir("jwt-jwks-file").join("jwks.json");
+    let publish = |rsa: &[u8], ec: &[u8]| {
+        let doc = jwks_of(&[("j1", rsa, Algorithm::RS256), ("e1", ec, Algorithm::ES256)]);
+        std::fs::write(&file, doc).unwrap();
+    };
+    publish(&k.rsa, &k.ec);
+    let body = format!(
+        "auth:\n  jwt:\n    main:\n      jwks_file: {}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app, auth: [jwt:main] }}\n",
+        file.display(),
+        up.addr
+    );
+    let gw = Gateway::start(&body);
+    let (old_rsa, old_ec) = (
+        signed_with(&k.rsa, Algorithm::RS256, "j1"),
+        signed_with(&k.ec, Algorithm::ES256, "e1"),
+    );
+    for token in [&old_rsa, &old_ec] {
+        assert_eq!(bearer(&gw, "/", token).status, 200);
+        assert_eq!(bearer(&gw, "/", token).status, 200);
+    }
+    assert_eq!(cache_stats(&gw), (2, 2, 2), "both tokens are remembered");
+
+    // j1 now names another RSA key: SIGHUP reads the file again.
+    publish(&k.evil, &k.ec);
+    assert!(gw.reload_with(&body)["last_reload_error"].is_null());
+    let new_rsa = signed_with(&k.evil, Algorithm::RS256, "j1");
+    assert_eq!(bearer(&gw, "/", &new_rsa).status, 200, "the new key is in");
+    assert_eq!(
+        bearer(&gw, "/", &old_rsa).assert_gateway_error(401),
+        "unauthorized",
+        "a token of the replaced RSA key passed from the cache"
+    );
+    assert_eq!(bearer(&gw, "/", &old_ec).status, 200);
+
+    // The same for an EC key under e1.
+    publish(&k.evil, &k.ec2);
+    assert!(gw.reload_with(&body)["last_reload_error"].is_null());
+    let new_ec = signed_with(&k.ec2, Algorithm::ES256, "e1");
+    assert_eq!(bearer(&gw, "/", &new_ec).status, 200, "the new key is in");
+    assert_eq!(
+        bearer(&gw, "/", &old_ec).assert_gateway_error(401),
+        "unauthorized",
+        "a token of the replaced EC key passed from the cache"
+    );
+    assert_eq!(bearer(&gw, "/", &new_rsa).status, 200);
+}
+
+#[test]
+fn a_refetched_jwks_with_a_new_key_under_a_remembered_kid_refuses_the_old_keys_tokens() {
+    let up = Upstream::start("a");
+    let k = keys();
+    let idp = JwksServer::start(jwks_of(&[("j1", &k.rsa, Algorithm::RS256)]));
+    let gw = Gateway::start(&jwks_config(&up, &idp.url(), "1s"));
+    let old = signed_with(&k.rsa, Algorithm::RS256, "j1");
+    gw.wait_until("the first fetch", || bearer(&gw, "/", &old).status == 200);
+    assert_eq!(bearer(&gw, "/", &old).status, 200);
+    let hits = gw.admin_get("/auth").json()["jwt"]["idp"]["cache"]["hits"].clone();
+    assert!(
+        hits.as_u64().unwrap() >= 1,
+        "the token is remembered: {hits}"
+    );
+
+    idp.serve(200, jwks_of(&[("j1", &k.evil, Algorithm::RS256)]));
+    let new = signed_with(&k.evil, Algorithm::RS256, "j1");
+    gw.wait_until("the new key is fetched", || {
+        bearer(&gw, "/", &new).status == 200
+    });
+    assert_eq!(
+        bearer(&gw, "/", &old).assert_gateway_error(401),
+        "unauthorized",
+        "a token of the replaced key passed from the cache"
+    );
+}
+
+#[test]
+fn an_issuer_list_holding_the_issuer_is_not_the_issuer() {
+    let up = Upstream::start("a");
+    let gw = start(&up);
+    for iss in [json!([ISSUER, "x"]), json!([ISSUER])] {
+        let mut c = claims();
+        c["iss"] = iss.clone();
+        let resp = bearer(&gw, "/orders", &mint(Algorithm::HS256, "hs1", &c));
+        assert_eq!(resp.assert_gateway_error(401), "unauthorized", "iss {iss}");
+    }
+    assert_eq!(up.hits(), 0);
+    assert_eq!(
+        bearer(&gw, "/orders", &mint(Algorithm::HS256, "hs1", &claims())).status,
+        200
+    );
+}
+
+#[test]
+fn t_refuses_a_leeway_over_five_minutes() {
+    let text = |leeway: &str| {
+        format!(
+            "listen: [\"127.0.0.1:1\"]\nauth:\n  jwt:\n    main:\n      leeway: {leeway}\n      keys: [{{ kid: k, alg: HS256, secret: s3cret }}]\nupstreams:\n  app: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app, auth: [jwt:main] }}\n"
+        )
+    };
+    let (code, _, err) = check_config(&text("5m"));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = check_config(&text("1h"));
+    assert_ne!(code, 0, "a leeway of an hour passed -t");
+    assert!(err.contains("auth.jwt.main.leeway"), "{err}");
+}
+
+#[test]
+fn the_token_cache_is_bounded_by_bytes() {
+    let up = Upstream::start("a");
+    let body = format!(
+        "auth:\n  jwt:\n    main:\n      keys: [{{ kid: k, alg: HS256, secret: \"{HS_SECRET}\" }}]\n      cache_bytes: 1MiB\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app, auth: [jwt:main] }}\n",
+        up.addr
+    );
+    let gw = Gateway::start(&body);
+    // 400 distinct tokens of about 4 KB: 1.6 MB of tokens alone.
+    let padding = "p".repeat(3000);
+    for i in 0..400 {
+        let token = forge(
+            &json!({"alg": "HS256", "kid": "k"}),
+            &json!({"sub": format!("user-{i}"), "exp": now() + 600, "pad": padding}),
+            Some(HS_SECRET.as_bytes()),
+        );
+        assert!(token.len() > 4000);
+        assert_eq!(bearer(&gw, "/", &token).status, 200, "token {i}");
+    }
+    let cache = &gw.admin_get("/auth").json()["jwt"]["main"]["cache"];
+    let (entries, bytes) = (
+        cache["entries"].as_u64().unwrap(),
+        cache["bytes"].as_u64().unwrap(),
+    );
+    assert!(bytes <= 1 << 20, "{bytes} bytes in the cache");
+    assert!(
+        (100..=256).contains(&entries),
+        "{entries} entries of about 4 KB in 1 MiB"
+    );
 }

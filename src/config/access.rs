@@ -3,9 +3,9 @@
 
 use super::compile::{duration_at, valid_name, Errors, FRAMING_HEADERS};
 use super::file::{CorsSpec, FileConfig, JwtKeySpec, JwtProviderSpec, RouteSpec};
-use super::values::parse_duration;
+use super::values::{parse_duration, parse_size};
 use crate::auth::api_key::{parse_digest, ApiKeys, Consumer};
-use crate::auth::cache::{TokenCache, DEFAULT_ENTRIES};
+use crate::auth::cache::{TokenCache, DEFAULT_BYTES, DEFAULT_ENTRIES, MIN_BYTES};
 use crate::auth::cors::CorsPolicy;
 use crate::auth::ip::Cidr;
 use crate::auth::jwt::keys::{self, KeySet, PinnedKey};
@@ -22,6 +22,10 @@ use std::time::Duration;
 
 /// Clock skew allowed unless `leeway` says otherwise.
 const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// The most clock skew `leeway` may allow: beyond it, an expired token is
+/// no longer expired in any useful sense, and a clock that far off needs
+/// fixing, not tolerating.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
 /// Largest key file read.
 const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
@@ -317,10 +321,24 @@ fn compile_jwt_provider(
         fingerprint.update(bytes);
     };
     let leeway = match &spec.leeway {
-        Some(text) => parse_duration(&text.0).unwrap_or_else(|e| {
-            errors.add(format!("{at}.leeway"), e);
-            DEFAULT_LEEWAY
-        }),
+        Some(text) => match parse_duration(&text.0) {
+            Ok(leeway) if leeway > MAX_LEEWAY => {
+                errors.add(
+                    format!("{at}.leeway"),
+                    format!(
+                        "{:?} is more than the {}s allowed; fix the clocks instead",
+                        text.0,
+                        MAX_LEEWAY.as_secs()
+                    ),
+                );
+                DEFAULT_LEEWAY
+            }
+            Ok(leeway) => leeway,
+            Err(e) => {
+                errors.add(format!("{at}.leeway"), e);
+                DEFAULT_LEEWAY
+            }
+        },
         None => DEFAULT_LEEWAY,
     };
     if spec.issuer.as_deref() == Some("") {
@@ -441,6 +459,24 @@ fn compile_jwt_provider(
         errors.add(format!("{at}.cache_size"), "must be at least 1");
     }
     fingerprint.update(cache_size.to_le_bytes());
+    let cache_bytes = match &spec.cache_bytes {
+        Some(text) => match parse_size(&text.0) {
+            Ok(bytes) if bytes < MIN_BYTES => {
+                errors.add(
+                    format!("{at}.cache_bytes"),
+                    format!("must be at least {}MiB", MIN_BYTES >> 20),
+                );
+                DEFAULT_BYTES
+            }
+            Ok(bytes) => bytes,
+            Err(e) => {
+                errors.add(format!("{at}.cache_bytes"), e);
+                DEFAULT_BYTES
+            }
+        },
+        None => DEFAULT_BYTES,
+    };
+    fingerprint.update(cache_bytes.to_le_bytes());
     if errors.0.len() > before {
         return None;
     }
@@ -448,7 +484,7 @@ fn compile_jwt_provider(
     let cache = pools
         .token_caches
         .draw::<()>(&mut draws.token_caches, name, &digest, || {
-            Ok(TokenCache::new(cache_size))
+            Ok(TokenCache::new(cache_size, cache_bytes))
         })
         .ok()?;
     Some(Provider::new(
@@ -537,4 +573,57 @@ fn read_limited(base: &Path, name: &str) -> Result<Vec<u8>, String> {
         ));
     }
     std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::compile::compile;
+    use crate::config::parse_partial;
+    use crate::snapshot::Pools;
+    use std::path::Path;
+
+    /// The errors of a file with one JWT provider whose settings are
+    /// `provider` (YAML flow-map entries).
+    fn provider_errors(provider: &str) -> Vec<String> {
+        let text = format!(
+            "listen: [\"127.0.0.1:1\"]\nauth:\n  jwt:\n    main: {{ keys: [{{ kid: k, alg: HS256, secret: s3cret }}], {provider} }}\nupstreams:\n  a: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: a, auth: [jwt:main] }}\n"
+        );
+        let (file, parse_errors) = match parse_partial(&text) {
+            Ok(parsed) => parsed,
+            Err(e) => return e.0.iter().map(ToString::to_string).collect(),
+        };
+        match compile(file, parse_errors, None, &Pools::default(), Path::new(".")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn leeway_is_bounded() {
+        assert!(provider_errors("leeway: 5m").is_empty());
+        assert!(provider_errors("leeway: 0s").is_empty());
+        let errors = provider_errors("leeway: 301s");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("auth.jwt.main.leeway: \"301s\" is more than the 300s"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn cache_bytes_is_a_size_of_at_least_1_mib() {
+        assert!(provider_errors("cache_bytes: 1MiB").is_empty());
+        assert!(provider_errors("cache_bytes: 1GiB, cache_size: 10").is_empty());
+        for (text, error) in [
+            ("cache_bytes: 1023KiB", "must be at least 1MiB"),
+            ("cache_bytes: 64MB", "unknown unit"),
+            ("cache_bytes: 65536", "has no unit"),
+        ] {
+            let errors = provider_errors(text);
+            assert!(
+                errors[0].starts_with("auth.jwt.main.cache_bytes") && errors[0].contains(error),
+                "{text}: {errors:?}"
+            );
+        }
+    }
 }

@@ -463,7 +463,7 @@ pub struct JwtProviderSpec {
     pub issuer: Option<String>,
     /// `aud` must hold one of them when set.
     pub audiences: Option<Vec<String>>,
-    /// Clock skew allowed for `exp`, `nbf`, `iat`; default 30s.
+    /// Clock skew allowed for `exp`, `nbf`, `iat`; default 30s, at most 5m.
     pub leeway: Option<DurationText>,
     #[serde(default)]
     pub keys: Vec<JwtKeySpec>,
@@ -476,6 +476,8 @@ pub struct JwtProviderSpec {
     pub forward_claims: BTreeMap<String, String>,
     /// Verified tokens remembered; default 100,000.
     pub cache_size: Option<usize>,
+    /// Bytes the remembered tokens may take; default 64MiB.
+    pub cache_bytes: Option<SizeText>,
 }
 
 /// One configured key, pinned to one algorithm.

@@ -6,7 +6,7 @@
 //! never be taken for an HMAC secret, and `none` names no key at all.
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -30,16 +30,31 @@ impl std::fmt::Debug for PinnedKey {
 }
 
 impl PinnedKey {
-    /// Feeds what identifies this key into a fingerprint: a changed key
-    /// changes the fingerprint, an unchanged file does not.
+    /// Feeds what identifies this key into a fingerprint: its `kid`, its
+    /// algorithm and its key material, so a changed key changes the
+    /// fingerprint (a new RSA key under an old `kid` included) and an
+    /// unchanged file does not.
     fn fingerprint(&self, hasher: &mut Sha256) {
-        hasher.update(self.kid.as_deref().unwrap_or("").as_bytes());
-        hasher.update([0]);
-        hasher.update(format!("{:?}", self.alg).as_bytes());
-        hasher.update([0]);
-        if let Ok(bytes) = self.key.try_get_as_bytes() {
+        let mut field = |bytes: &[u8]| {
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
+        };
+        field(self.kid.as_deref().unwrap_or("").as_bytes());
+        field(format!("{:?}", self.alg).as_bytes());
+        // Every kind, matched exhaustively: a kind jsonwebtoken adds later
+        // fails to compile here instead of hashing as "no material".
+        match self.key.kind() {
+            // An HMAC secret, a PEM key's DER, an EC point, an OKP's `x`.
+            DecodingKeyKind::SecretOrDer(bytes) => {
+                field(b"der");
+                field(bytes);
+            }
+            // A JWKS's RSA key: `n` and `e`.
+            DecodingKeyKind::RsaModulusExponent { n, e } => {
+                field(b"rsa");
+                field(n);
+                field(e);
+            }
         }
     }
 }
@@ -337,6 +352,54 @@ mod tests {
         let jwks = parse_jwks(good.as_bytes()).unwrap();
         assert_eq!(jwks.keys.len(), 1);
         assert_eq!(jwks.keys[0].alg, Algorithm::ES256);
+    }
+
+    /// A key set from a JWKS document holding `keys`.
+    fn jwks_set(keys: &str) -> KeySet {
+        let mut set = KeySet::default();
+        for key in parse_jwks(format!("{{\"keys\": [{keys}]}}").as_bytes())
+            .unwrap()
+            .keys
+        {
+            assert!(set.add(key));
+        }
+        set
+    }
+
+    #[test]
+    fn new_key_material_under_an_old_kid_is_a_lost_key() {
+        let rsa = |n: &str| format!(r#"{{"kty": "RSA", "kid": "j1", "n": "{n}", "e": "AQAB"}}"#);
+        let ec = |x: &str| {
+            format!(
+                r#"{{"kty": "EC", "crv": "P-256", "kid": "j1", "x": "{x}",
+                    "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}}"#
+            )
+        };
+        let ed =
+            |x: &str| format!(r#"{{"kty": "OKP", "crv": "Ed25519", "kid": "j1", "x": "{x}"}}"#);
+        let pairs = [
+            (rsa("xjlCRBqkOC1Ed8dWdWr3"), rsa("yjlCRBqkOC1Ed8dWdWr3")),
+            (
+                ec("f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU"),
+                ec("g83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU"),
+            ),
+            (
+                ed("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"),
+                ed("21qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"),
+            ),
+        ];
+        for (a, b) in pairs {
+            let (old, same, new) = (jwks_set(&a), jwks_set(&a), jwks_set(&b));
+            assert!(!old.lost_keys_in(&same), "{a}");
+            assert!(old.lost_keys_in(&new), "{a} -> {b}");
+            let digest = |set: &KeySet| {
+                let mut h = Sha256::new();
+                set.fingerprint(&mut h);
+                h.finalize()
+            };
+            assert_eq!(digest(&old), digest(&same));
+            assert_ne!(digest(&old), digest(&new), "{a} -> {b}");
+        }
     }
 
     #[test]

@@ -10,12 +10,13 @@
 //! 4. the token's `alg` must be the key's own algorithm;
 //! 5. signature, then claims: `exp` required, `nbf` and `iat` within the
 //!    leeway, `iss` and `aud` when configured, each of the right JSON
-//!    type (jsonwebtoken does the signature, `exp`, `nbf`, `iss`, `aud`).
+//!    type (jsonwebtoken does the signature, `exp`, `nbf`, `aud`, and `iss`
+//!    but for its type: it takes a list holding the issuer as the issuer).
 
 pub mod keys;
 pub mod remote;
 
-use super::cache::TokenCache;
+use super::cache::{HeapSize, TokenCache};
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderName, HeaderValue};
@@ -45,6 +46,22 @@ pub struct Verified {
     /// The `forward_claims` headers, named as configured (Pingora keeps
     /// the case of a name given as bytes, without a copy per insert).
     pub headers: Vec<(Bytes, HeaderValue)>,
+}
+
+impl HeapSize for Verified {
+    fn heap_bytes(&self) -> usize {
+        fn strings(list: &Vec<String>) -> usize {
+            list.capacity() * std::mem::size_of::<String>()
+                + list.iter().map(String::capacity).sum::<usize>()
+        }
+        // A header's name is shared with the provider's configuration;
+        // its value is the entry's own.
+        self.subject.capacity()
+            + strings(&self.scopes)
+            + strings(&self.groups)
+            + self.headers.capacity() * std::mem::size_of::<(Bytes, HeaderValue)>()
+            + self.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+    }
 }
 
 /// Why a token was refused: the 401's message.
@@ -168,6 +185,8 @@ pub struct Provider {
     remote: Option<Arc<RemoteKeys>>,
     /// One validation per algorithm, built once.
     validations: Vec<(Algorithm, Validation)>,
+    /// `iss` must be this string, when set.
+    issuer: Option<String>,
     leeway: u64,
     /// `forward_claims`: claim name, header name.
     forward: Vec<Forward>,
@@ -217,6 +236,7 @@ impl Provider {
             keys,
             remote,
             validations,
+            issuer: rules.issuer.clone(),
             leeway: rules.leeway,
             forward,
             cache,
@@ -296,6 +316,16 @@ impl Provider {
 
     /// The claims jsonwebtoken does not check, then what the request needs.
     fn accept(&self, claims: &Map<String, Value>, now: u64) -> Result<(Verified, u64), Refusal> {
+        if let Some(issuer) = &self.issuer {
+            // RFC 7519 makes `iss` one string; jsonwebtoken also takes a
+            // list that holds the issuer among others.
+            match claims.get("iss") {
+                Some(Value::String(iss)) if iss == issuer => {}
+                Some(Value::String(_)) => return Err(Refusal::Issuer),
+                Some(_) => return Err(Refusal::BadClaim),
+                None => return Err(Refusal::MissingClaim),
+            }
+        }
         if let Some(iat) = claims.get("iat") {
             let iat = numeric_date(iat).ok_or(Refusal::BadClaim)?;
             if iat > now.saturating_add(self.leeway) {
@@ -350,6 +380,7 @@ impl Provider {
             "jwks": self.remote.as_ref().map(|r| r.status()),
             "cache": {
                 "entries": self.cache.len(),
+                "bytes": self.cache.weight(),
                 "hits": self.cache.hits(),
                 "verifications": self.cache.verifications.load(Ordering::Relaxed),
             },
@@ -480,7 +511,7 @@ mod tests {
             None,
             &rules,
             vec![Forward::new("sub".into(), "X-User-Id").unwrap()],
-            Arc::new(TokenCache::new(100)),
+            Arc::new(TokenCache::new(100, 1 << 20)),
         )
     }
 
@@ -559,6 +590,14 @@ mod tests {
                 c.as_object_mut().unwrap().remove("iss");
             }),
             Err(Refusal::MissingClaim)
+        );
+        assert_eq!(
+            with(&|c| c["iss"] = json!(["https://id.example.com", "x"])),
+            Err(Refusal::BadClaim)
+        );
+        assert_eq!(
+            with(&|c| c["iss"] = json!(["https://id.example.com"])),
+            Err(Refusal::BadClaim)
         );
         assert_eq!(with(&|c| c["aud"] = json!("other")), Err(Refusal::Audience));
         assert_eq!(with(&|c| c["aud"] = json!(["other", "orders-api"])), Ok(()));

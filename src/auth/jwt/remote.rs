@@ -125,8 +125,7 @@ impl RemoteKeys {
                 state.in_flight = true;
                 state.last_attempt = Some(now);
                 state.last_refetch = Some(now);
-                let this = Arc::clone(self);
-                tokio::spawn(async move { this.fetch().await });
+                self.spawn_fetch();
             }
         }
         // The fetch has its own timeout; this one only guards against a
@@ -141,32 +140,58 @@ impl RemoteKeys {
         )
     }
 
-    /// Fetches the set and installs it if it is good. Call only after
-    /// claiming the fetch ([`Self::claim_scheduled`]).
-    pub async fn fetch(&self) {
-        let result = get(&self.settings.url).await.and_then(|body| {
-            let jwks = parse_jwks(&body)?;
-            for skipped in &jwks.skipped {
-                log::debug!("JWKS {}: skipped {skipped}", self.settings.url);
+    /// Runs a claimed fetch ([`Self::claim_scheduled`], or the claim of
+    /// [`Self::refetch_for_unknown_kid`]) in a task of its own.
+    fn spawn_fetch(self: &Arc<Self>) {
+        let url = self.settings.url.clone();
+        tokio::spawn(Arc::clone(self).run_claimed(async move { download(&url).await }));
+    }
+
+    /// Runs `work`, a claimed fetch, and installs what it gives. A panic
+    /// inside it (a bug here or in a dependency, on some document) counts
+    /// as a failed fetch: it is logged, the claim is released and the last
+    /// good keys stay, so the next refresh runs as usual instead of the
+    /// provider waiting forever on a fetch that died.
+    async fn run_claimed<F>(self: Arc<Self>, work: F)
+    where
+        F: std::future::Future<Output = Result<KeySet, String>> + Send + 'static,
+    {
+        let result = match tokio::spawn(work).await {
+            Ok(result) => result,
+            Err(e) => {
+                let why = if e.is_panic() {
+                    format!("the fetch panicked: {}", panic_message(e.into_panic()))
+                } else {
+                    "the fetch was cancelled".to_owned()
+                };
+                log::error!(
+                    "JWKS for provider {:?} from {}: {why}; the next refresh runs as scheduled",
+                    self.provider,
+                    self.settings.url
+                );
+                Err(why)
             }
-            let mut set = KeySet::default();
-            for key in jwks.keys {
-                let kid = key.kid.clone();
-                if !set.add(key) {
-                    return Err(format!("kid {kid:?} appears twice"));
-                }
-            }
-            Ok(set)
-        });
+        };
+        self.install(result);
+    }
+
+    /// Ends a fetch: installs a good set, or keeps the last one.
+    fn install(&self, result: Result<KeySet, String>) {
         let mut state = self.lock();
         state.in_flight = false;
         match result {
             Ok(set) => {
-                if self.keys.load().lost_keys_in(&set) {
+                let lost = self.keys.load().lost_keys_in(&set);
+                let count = set.len();
+                // The keys first, then the generation: a request that reads
+                // the new generation then finds the new keys, so nothing is
+                // remembered under it that a dropped key verified. (A
+                // request that read the old one and verified with a new key
+                // only costs a verification once more.)
+                self.keys.store(Arc::new(set));
+                if lost {
                     self.generation.fetch_add(1, Ordering::AcqRel);
                 }
-                let count = set.len();
-                self.keys.store(Arc::new(set));
                 state.last_success = Some(Instant::now());
                 if state.failing {
                     log::warn!(
@@ -232,12 +257,18 @@ impl RefreshService {
 #[async_trait]
 impl BackgroundService for RefreshService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // The schedule runs in a task of its own, restarted if it ever
+        // panics: a dead scheduler would leave every provider with the
+        // keys it had, refreshed never again, and nothing saying so.
         loop {
-            let now = Instant::now();
-            for remote in self.remotes.active() {
-                if remote.claim_scheduled(now) {
-                    tokio::spawn(async move { remote.fetch().await });
-                }
+            let schedule = tokio::spawn(schedule(Arc::clone(&self.remotes), shutdown.clone()));
+            match schedule.await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => log::error!(
+                    "the JWKS refresh job panicked: {}; restarting it",
+                    panic_message(e.into_panic())
+                ),
+                Err(_) => log::error!("the JWKS refresh job was cancelled; restarting it"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -245,6 +276,52 @@ impl BackgroundService for RefreshService {
             }
         }
     }
+}
+
+/// Starts every due scheduled fetch, once a second, until shutdown.
+async fn schedule(
+    remotes: Arc<StatePool<RemoteSettings, RemoteKeys>>,
+    mut shutdown: ShutdownWatch,
+) {
+    loop {
+        let now = Instant::now();
+        for remote in remotes.active() {
+            if remote.claim_scheduled(now) {
+                remote.spawn_fetch();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "(no message)".to_owned(), |text| (*text).to_owned()),
+    }
+}
+
+/// Fetches and reads a JWKS document: its keys, each `kid` once.
+async fn download(url: &str) -> Result<KeySet, String> {
+    let body = get(url).await?;
+    let jwks = parse_jwks(&body)?;
+    for skipped in &jwks.skipped {
+        log::debug!("JWKS {url}: skipped {skipped}");
+    }
+    let mut set = KeySet::default();
+    for key in jwks.keys {
+        let kid = key.kid.clone();
+        if !set.add(key) {
+            return Err(format!("kid {kid:?} appears twice"));
+        }
+    }
+    Ok(set)
 }
 
 /// One HTTP client for every fetch. Connections are not kept: fetches are
@@ -300,6 +377,54 @@ mod tests {
                 refresh: Duration::from_secs(600),
             },
         )
+    }
+
+    fn set_with(secret: &[u8]) -> KeySet {
+        use jsonwebtoken::Algorithm;
+        let mut set = KeySet::default();
+        set.add(super::super::keys::PinnedKey {
+            kid: Some("k".into()),
+            alg: Algorithm::HS256,
+            key: super::super::keys::from_secret(Algorithm::HS256, secret).unwrap(),
+        });
+        set
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_releases_its_claim_and_keeps_the_keys() {
+        let r = Arc::new(remote());
+        let t0 = Instant::now();
+        assert!(r.claim_scheduled(t0));
+        Arc::clone(&r)
+            .run_claimed(async { Ok(set_with(b"first")) })
+            .await;
+        assert_eq!(r.keys().len(), 1);
+
+        let finished = r.finished.subscribe();
+        let later = Instant::now() + r.settings.refresh;
+        assert!(r.claim_scheduled(later));
+        Arc::clone(&r)
+            .run_claimed(async { panic!("a bug in a refresh") })
+            .await;
+        assert!(finished.has_changed().unwrap(), "waiters were told");
+        assert!(r.lock().failing);
+        assert_eq!(r.keys().len(), 1, "the last good keys stay");
+        // Released: the next refresh is due as after any failed fetch.
+        assert!(r.claim_scheduled(later + MIN_REFETCH_INTERVAL));
+    }
+
+    #[test]
+    fn only_a_lost_or_changed_key_starts_a_new_generation() {
+        let r = remote();
+        r.install(Ok(set_with(b"one")));
+        assert_eq!(r.generation(), 0, "nothing was verified before");
+        r.install(Ok(set_with(b"one")));
+        assert_eq!(r.generation(), 0);
+        r.install(Err("down".into()));
+        assert_eq!(r.generation(), 0);
+        r.install(Ok(set_with(b"two")));
+        assert_eq!(r.generation(), 1);
+        assert!(!r.keys().lost_keys_in(&set_with(b"two")), "published");
     }
 
     #[test]
