@@ -11,11 +11,14 @@
 //! the disk. `SIGUSR1` reopens the file (for logrotate), and lines still
 //! waiting when the process exits are written on the way out.
 //!
-//! The running sink is process-wide ([`install`]), so the connection loop,
-//! which refuses malformed requests before any route is known, logs
-//! through the same one as the proxy.
+//! The running sink is the running snapshot's, read from the store's one
+//! published value ([`follow`]): the connection loop, which refuses
+//! malformed requests before any route is known, logs through the same one
+//! as the proxy, and a reload changes it with the rest of the config in one
+//! swap.
 
-use arc_swap::ArcSwapOption;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -24,7 +27,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines waiting before new ones are dropped, unless configured.
@@ -103,9 +106,8 @@ impl Drop for AccessLog {
     }
 }
 
-static SINK: ArcSwapOption<AccessLog> = ArcSwapOption::const_empty();
-/// Whether `SINK` holds one: cheaper to ask than loading the sink.
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The store's running snapshot, whose sink lines go to.
+static RUNNING: OnceLock<Arc<ArcSwap<Snapshot>>> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static REOPEN: AtomicBool = AtomicBool::new(false);
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
@@ -132,44 +134,36 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Makes `sink` the one requests write to (`None`: access log off).
-pub fn install(sink: Option<Arc<AccessLog>>) {
-    static AT_EXIT: std::sync::Once = std::sync::Once::new();
-    if sink.is_some() {
-        AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain `extern "C"` function without
-            // arguments; Pingora ends the process with `exit`, which runs
-            // it.
-            unsafe {
-                libc::atexit(flush_at_exit);
-            }
-        });
+/// Logs through the sink of whatever snapshot `running` holds (none: the
+/// access log is off). A process serves one configuration: the first
+/// store opened (the one that serves) is followed, later ones are not.
+pub fn follow(running: Arc<ArcSwap<Snapshot>>) {
+    if RUNNING.set(running).is_ok() {
+        // SAFETY: registers a plain `extern "C"` function without
+        // arguments; Pingora ends the process with `exit`, which runs it.
+        unsafe {
+            libc::atexit(flush_at_exit);
+        }
     }
-    ENABLED.store(sink.is_some(), Ordering::Relaxed);
-    SINK.store(sink);
 }
 
 /// Whether lines are being written at all (skip formatting when not).
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    RUNNING
+        .get()
+        .is_some_and(|running| running.load().access_log.is_some())
 }
 
 /// Logs one request; drops and counts the line when too many wait.
 pub fn log(entry: &Entry) {
-    let sink = SINK.load();
-    let Some(sink) = sink.as_ref() else {
+    let Some(running) = RUNNING.get() else {
         return;
     };
-    sink.started.call_once(|| sink.start_writer());
-    let shared = &sink.shared;
-    if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.capacity {
-        shared.waiting.fetch_sub(1, Ordering::Relaxed);
-        DROPPED.fetch_add(1, Ordering::Relaxed);
+    let snapshot = running.load();
+    let Some(sink) = snapshot.access_log.as_deref() else {
         return;
-    }
-    let mut pending = lock(&shared.shards[shard_index()].0);
-    entry.write(&mut pending.bytes);
-    pending.lines += 1;
+    };
+    sink.log(entry);
 }
 
 /// Locks ignoring poisoning: a buffer of finished lines stays usable
@@ -201,6 +195,21 @@ impl AccessLog {
             shared,
             started: std::sync::Once::new(),
         })
+    }
+
+    /// Formats `entry` into this thread's buffer, unless the queue is
+    /// full.
+    fn log(&self, entry: &Entry) {
+        self.started.call_once(|| self.start_writer());
+        let shared = &self.shared;
+        if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.capacity {
+            shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut pending = lock(&shared.shards[shard_index()].0);
+        entry.write(&mut pending.bytes);
+        pending.lines += 1;
     }
 
     fn start_writer(&self) {
@@ -252,8 +261,11 @@ const EXIT_WAIT: Duration = Duration::from_secs(1);
 /// writer stuck on a sink (a pipe nobody reads) must not hold the exit:
 /// after [`EXIT_WAIT`] the lines are given up.
 extern "C" fn flush_at_exit() {
-    let sink = SINK.load();
-    let Some(sink) = sink.as_ref() else {
+    let Some(running) = RUNNING.get() else {
+        return;
+    };
+    let snapshot = running.load();
+    let Some(sink) = snapshot.access_log.as_deref() else {
         return;
     };
     let start = std::time::Instant::now();
