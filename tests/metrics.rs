@@ -115,7 +115,8 @@ fn check_exposition(text: &str) -> Result<(), String> {
     let is_name = |s: &str| {
         !s.is_empty()
             && !s.starts_with(|c: char| c.is_ascii_digit())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     };
     let mut typed = std::collections::HashSet::new();
     for line in text.lines() {
@@ -242,7 +243,10 @@ fn concurrent_scrapes_each_get_whole_consistent_text() {
             "scrape {i}: every breaker"
         );
         assert_eq!(
-            sample(text, r#"tollgate_requests_total{route="open",status="200"}"#),
+            sample(
+                text,
+                r#"tollgate_requests_total{route="open",status="200"}"#
+            ),
             Some(200.0),
             "scrape {i}"
         );

@@ -58,11 +58,7 @@ fn with_a_route_timeout_an_idle_tunnel_lasts_until_websocket_idle_timeout() {
     let ws = Scripted::websocket_echo();
     // The upstream's read timeout (1s) is shorter than the tunnel's idle
     // timeout (2s), which is shorter than the route's timeout (8s).
-    let gw = Gateway::start(&config(
-        &ws,
-        ", timeout: 8s, websocket_idle_timeout: 2s",
-        0,
-    ));
+    let gw = Gateway::start(&config(&ws, ", timeout: 8s, websocket_idle_timeout: 2s", 0));
     let mut conn = open_tunnel(&gw);
     conn.send_raw(b"hello");
     assert_eq!(conn.read_bytes(5), b"hello");

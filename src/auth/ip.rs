@@ -58,7 +58,10 @@ fn unmapped_net(net: IpNet) -> IpNet {
     let IpNet::V6(v6) = net else {
         return net;
     };
-    match (v6.network().to_ipv4_mapped(), v6.prefix_len().checked_sub(96)) {
+    match (
+        v6.network().to_ipv4_mapped(),
+        v6.prefix_len().checked_sub(96),
+    ) {
         (Some(v4), Some(prefix)) => Ipv4Net::new(v4, prefix).map_or(net, IpNet::V4),
         _ => net,
     }

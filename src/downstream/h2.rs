@@ -125,8 +125,7 @@ pub async fn serve<A>(
                 return;
             }
         }
-        let watch =
-            (!session.is_body_empty()).then(|| BodyClock::new(&session, limits.limits()));
+        let watch = (!session.is_body_empty()).then(|| BodyClock::new(&session, limits.limits()));
         let open = streams.open();
         let app = Arc::clone(app);
         let shutdown = shutdown.clone();

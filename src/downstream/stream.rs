@@ -18,9 +18,9 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -505,8 +505,7 @@ mod tests {
         let mut stream = RequestStream::new(Box::new(server));
         stream.open_tunnel();
         let mut buf = [0u8; 4];
-        let waited =
-            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await;
         assert!(waited.is_err(), "a read ended with nothing to read");
         client.write_all(b"ping").await.unwrap();
         stream.read_exact(&mut buf).await.unwrap();

@@ -347,7 +347,9 @@ impl Output {
             // Only now: lines stuck behind a blocked write still count
             // as waiting, so new ones are dropped rather than piling up.
             shared.waiting.fetch_sub(lines, Ordering::Relaxed);
-            shared.waiting_bytes.fetch_sub(spare.len(), Ordering::Relaxed);
+            shared
+                .waiting_bytes
+                .fetch_sub(spare.len(), Ordering::Relaxed);
             spare.clear();
             if spare.capacity() > KEEP_BYTES {
                 *spare = Vec::new();
@@ -701,10 +703,8 @@ mod tests {
 
     /// A sink whose writer never runs: as stalled as a sink gets.
     fn stalled(tag: &str, queue: Queue) -> AccessLog {
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-access-log-{}-{tag}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-access-log-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sink = AccessLog::open(Destination::File(dir.join("access.log")), queue).unwrap();
         sink.started.call_once(|| {});
@@ -741,8 +741,15 @@ mod tests {
         }
         let fit = Queue::MIN_BYTES / line;
         assert_eq!(long.shared.waiting.load(Ordering::Relaxed), fit);
-        assert_eq!(long.shared.waiting_bytes.load(Ordering::Relaxed), fit * line);
-        assert_eq!(buffered(&long), fit * line, "a dropped line leaves no bytes");
+        assert_eq!(
+            long.shared.waiting_bytes.load(Ordering::Relaxed),
+            fit * line
+        );
+        assert_eq!(
+            buffered(&long),
+            fit * line,
+            "a dropped line leaves no bytes"
+        );
         // ...short ones the line bound.
         let short = stalled(
             "lines",

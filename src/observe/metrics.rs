@@ -400,10 +400,17 @@ mod tests {
         first.target("u", "10.0.0.1:80", true, None);
         let second = scrape(&["10.0.0.2:80", "10.0.0.3:80"], 5);
         let first = String::from_utf8(render(Some(&first))).unwrap();
-        assert!(first.contains(r#"tollgate_upstream_target_healthy{target="10.0.0.1:80",upstream="u"} 1"#), "{first}");
+        assert!(
+            first.contains(
+                r#"tollgate_upstream_target_healthy{target="10.0.0.1:80",upstream="u"} 1"#
+            ),
+            "{first}"
+        );
         assert!(!first.contains("10.0.0.2:80"), "{first}");
         assert!(second.contains(r#"tollgate_upstream_target_healthy{target="10.0.0.3:80",upstream="unit-test-upstream"} 0"#), "{second}");
-        assert!(second.contains(r#"tollgate_circuit_state{target="10.0.0.2:80",upstream="unit-test-upstream"} 1"#));
+        assert!(second.contains(
+            r#"tollgate_circuit_state{target="10.0.0.2:80",upstream="unit-test-upstream"} 1"#
+        ));
         assert!(second.contains("tollgate_connections 3"));
         assert!(second.contains("tollgate_access_log_dropped_total 7"));
         assert!(second.contains("tollgate_redis_errors_total 5"));
