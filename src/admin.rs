@@ -13,6 +13,7 @@
 //! no body.
 
 use crate::downstream::ConnectionGauge;
+use crate::observe::metrics::ProcessState;
 use crate::store::ConfigStore;
 use crate::upstream::breaker::Phase;
 use async_trait::async_trait;
@@ -43,45 +44,39 @@ impl AdminApp {
         self
     }
 
-    /// The Prometheus text, with the state gauges read from the running
-    /// snapshot now.
+    /// The Prometheus text, with the process's state read now, by this
+    /// scrape alone (see [`ProcessState`]).
     fn metrics(&self) -> Vec<u8> {
-        if let Some(m) = crate::observe::metrics::metrics() {
-            let snapshot = self.store.current();
-            let now = Instant::now();
-            // Reset first: targets removed by a reload leave no series.
-            m.target_healthy.reset();
-            m.circuit_state.reset();
-            for c in &snapshot.clusters {
-                for (i, t) in c.targets.iter().enumerate() {
-                    let target = t.addr.to_string();
-                    let labels = [c.name.as_str(), target.as_str()];
-                    m.target_healthy
-                        .with_label_values(&labels)
-                        .set(i64::from(c.is_ready(i)));
-                    if let Some(b) = &t.breaker {
-                        let state = match b.phase(now) {
-                            Phase::Closed => 0,
-                            Phase::Open { .. } => 1,
-                            Phase::HalfOpen { .. } => 2,
-                        };
-                        m.circuit_state.with_label_values(&labels).set(state);
-                    }
-                }
+        let state = match ProcessState::new() {
+            Ok(state) => state,
+            Err(e) => {
+                log::error!("metrics: {e}");
+                return crate::observe::metrics::render(None);
             }
-            if let Some(connections) = &self.connections {
-                m.connections
-                    .set(i64::try_from(connections.current()).unwrap_or(i64::MAX));
+        };
+        let snapshot = self.store.current();
+        let now = Instant::now();
+        for c in &snapshot.clusters {
+            for (i, t) in c.targets.iter().enumerate() {
+                let circuit = t.breaker.as_ref().map(|b| match b.phase(now) {
+                    Phase::Closed => 0,
+                    Phase::Open { .. } => 1,
+                    Phase::HalfOpen { .. } => 2,
+                });
+                state.target(&c.name, &t.addr.to_string(), c.is_ready(i), circuit);
             }
-            // Counters kept elsewhere are brought up to date.
-            let redis_errors = snapshot
+        }
+        if let Some(connections) = &self.connections {
+            state.connections(connections.current());
+        }
+        state.redis_errors(
+            snapshot
                 .redis
                 .as_ref()
-                .map_or(0, |r| r.errors.load(std::sync::atomic::Ordering::Relaxed));
-            catch_up(&m.redis_errors, redis_errors);
-            catch_up(&m.access_log_dropped, crate::observe::access_log::dropped());
-        }
-        crate::observe::metrics::render()
+                .map_or(0, |r| r.errors.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+        state.access_log_dropped(crate::observe::access_log::dropped());
+        crate::observe::metrics::render(Some(&state))
     }
 
     fn readiness(&self) -> (StatusCode, Value) {
@@ -158,15 +153,6 @@ impl AdminApp {
             "redis": self.store.current().redis.as_ref().map(|r| r.status()),
             "access_log_dropped": crate::observe::access_log::dropped(),
         })
-    }
-}
-
-/// Raises a counter to a total counted elsewhere (never lowers it: a
-/// source replaced by a reload starts again from zero).
-fn catch_up(counter: &prometheus::IntCounter, total: u64) {
-    let seen = counter.get();
-    if total > seen {
-        counter.inc_by(total - seen);
     }
 }
 

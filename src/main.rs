@@ -117,7 +117,7 @@ fn main() -> ExitCode {
             proxy,
             keepalive(store.server()),
             Arc::clone(&connections),
-            store.limits(),
+            Arc::clone(&store) as Arc<dyn tollgate::downstream::LimitsSource>,
         )
         .with_h2c(
             snapshot

@@ -12,7 +12,7 @@ use crate::auth::jwt::{Provider, Verified};
 use crate::downstream::Limits;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::limit::redis::{Redis, RedisSettings};
-use crate::observe::access_log::{AccessLog, Destination};
+use crate::observe::access_log::{AccessLog, Destination, Queue};
 use crate::router::{Route, RouteIndex};
 use crate::state::{Drawn, StatePool};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -123,7 +123,7 @@ pub struct Pools {
     /// The Redis connection of global rate limits.
     pub redis: Arc<StatePool<RedisSettings, Redis>>,
     /// The access log's writer, by destination.
-    pub access_log: StatePool<(Destination, usize), AccessLog>,
+    pub access_log: StatePool<(Destination, Queue), AccessLog>,
 }
 
 /// What one compile drew from every pool.
@@ -137,7 +137,7 @@ pub struct Draws {
     pub client_inflight: Drawn<(), Inflight>,
     pub breakers: Drawn<BreakerSettings, Breaker>,
     pub redis: Drawn<RedisSettings, Redis>,
-    pub access_log: Drawn<(Destination, usize), AccessLog>,
+    pub access_log: Drawn<(Destination, Queue), AccessLog>,
 }
 
 impl Pools {

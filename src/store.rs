@@ -1,11 +1,16 @@
 //! The store: the running [`Snapshot`] behind an atomic pointer, reloads,
-//! and what must outlive any one snapshot (the state pools, the client
-//! limits the connection loop reads, the `server:` settings the process
-//! started with).
+//! and what must outlive any one snapshot (the state pools, the `server:`
+//! settings the process started with).
+//!
+//! A reload publishes by one swap of one value: the proxy, the connection
+//! loops (their client limits, [`LimitsSource`]) and the access log
+//! ([`access_log::follow`]) all read the same snapshot, so there is no
+//! moment at which some of them see the new configuration and others the
+//! old.
 
 use crate::config::file::ServerSection;
 use crate::config::{self, compile, ConfigError, ConfigErrors};
-use crate::downstream::SharedLimits;
+use crate::downstream::{Limits, LimitsSource};
 use crate::observe::access_log;
 use crate::snapshot::{Draws, Listener, Pools, Snapshot};
 use arc_swap::ArcSwap;
@@ -17,9 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// outlive any one snapshot.
 pub struct ConfigStore {
     path: PathBuf,
-    current: ArcSwap<Snapshot>,
-    /// The running snapshot's client limits, for the connection loop.
-    limits: Arc<SharedLimits>,
+    /// Shared with the access log, which writes to its sink.
+    current: Arc<ArcSwap<Snapshot>>,
     pools: Pools,
     /// The `server:` section the process started with; changing it takes
     /// a restart or upgrade.
@@ -44,11 +48,11 @@ impl ConfigStore {
         let pools = Pools::default();
         let loaded = load(path, None, &pools)?;
         pools.commit(loaded.draws);
-        access_log::install(loaded.snapshot.access_log.clone());
+        let current = Arc::new(ArcSwap::from_pointee(loaded.snapshot));
+        access_log::follow(Arc::clone(&current));
         Ok(ConfigStore {
             path: path.to_owned(),
-            limits: Arc::new(SharedLimits::new(loaded.snapshot.limits)),
-            current: ArcSwap::from_pointee(loaded.snapshot),
+            current,
             pools,
             server: loaded.server,
             status: Mutex::new(ReloadStatus {
@@ -60,12 +64,6 @@ impl ConfigStore {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The running configuration's client limits, kept current across
-    /// reloads.
-    pub fn limits(&self) -> Arc<SharedLimits> {
-        Arc::clone(&self.limits)
     }
 
     /// The snapshot new requests should use, for the start of a request:
@@ -106,8 +104,7 @@ impl ConfigStore {
                 self.path.display()
             );
         }
-        self.limits.publish(new.limits);
-        access_log::install(new.access_log.clone());
+        // The one step that publishes: everything reads this snapshot.
         self.current.store(Arc::new(new));
         // Only now, with the new snapshot running, do the pools drop what
         // it no longer uses.
@@ -202,6 +199,13 @@ fn count_reload(result: &str) {
     }
 }
 
+/// The connection loops' client limits are the running snapshot's.
+impl LimitsSource for ConfigStore {
+    fn limits(&self) -> Limits {
+        self.current.load().limits
+    }
+}
+
 /// A TLS listener's certificates are the running snapshot's: a reload's
 /// new certificates serve the next handshake.
 impl crate::downstream::tls::Certificates for ConfigStore {
@@ -212,5 +216,76 @@ impl crate::downstream::tls::Certificates for ConfigStore {
         let snapshot = self.load();
         let tls = snapshot.listener(addr)?.tls.as_ref()?;
         Some(Arc::clone(&tls.certificates))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::downstream::LimitsSource;
+
+    /// A config whose limits say which write of the file it is.
+    fn write(path: &Path, max_headers: usize) {
+        let text = format!(
+            "listen: [\"127.0.0.1:1\"]\nlimits: {{ max_headers: {max_headers} }}\nupstreams:\n  app: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app }}\n"
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tollgate-store-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("tollgate.yaml")
+    }
+
+    #[test]
+    fn the_connection_loops_read_the_limits_of_the_running_snapshot() {
+        let path = scratch("limits");
+        write(&path, 50);
+        let store = ConfigStore::open(&path).unwrap();
+        assert_eq!(LimitsSource::limits(&store).max_headers, 50);
+        write(&path, 60);
+        store.reload().unwrap();
+        assert_eq!(LimitsSource::limits(&store).max_headers, 60);
+        assert_eq!(store.current().limits, LimitsSource::limits(&store));
+        // A file that fails changes nothing anywhere.
+        std::fs::write(&path, "routes: [").unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(LimitsSource::limits(&store).max_headers, 60);
+        assert_eq!(store.status().generation, 2);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn no_reader_sees_new_limits_beside_an_old_snapshot() {
+        let path = scratch("swap");
+        write(&path, 100);
+        let store = ConfigStore::open(&path).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Limits first, then the snapshot: were they published
+                    // apart (limits first), the snapshot read second could
+                    // still be the one before.
+                    let limits = LimitsSource::limits(&store).max_headers;
+                    let snapshot = store.load().limits.max_headers;
+                    assert!(
+                        snapshot >= limits,
+                        "limits of write {limits}, snapshot of write {snapshot}"
+                    );
+                    reads += 1;
+                }
+                reads
+            });
+            for n in 101..=140 {
+                write(&path, n);
+                store.reload().unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

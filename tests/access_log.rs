@@ -159,21 +159,26 @@ fn lines_still_waiting_are_written_when_the_process_exits() {
     }
 }
 
-#[test]
-fn a_stalled_sink_drops_lines_instead_of_holding_requests() {
+/// A pipe with a reader that never reads, and that reader: once the pipe
+/// is full, the writer blocks for good.
+fn stalled_pipe(tag: &str) -> (PathBuf, std::fs::File) {
     use std::os::unix::fs::OpenOptionsExt;
-    let up = Upstream::start("a");
-    let dir = scratch_dir("fifo");
-    let fifo = dir.join("access.pipe");
+    let fifo = scratch_dir(tag).join("access.pipe");
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a plain mkfifo on a path this test owns.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
-    // A reader that never reads: the pipe fills, the writer blocks.
-    let _reader = std::fs::OpenOptions::new()
+    let reader = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
+    (fifo, reader)
+}
+
+#[test]
+fn a_stalled_sink_drops_lines_instead_of_holding_requests() {
+    let up = Upstream::start("a");
+    let (fifo, _reader) = stalled_pipe("fifo");
     let gw = Gateway::start(&config(&up, &fifo, ", queue_lines: 50"));
     let mut conn = support::Connection::open(gw.addr);
     for i in 0..1500 {
@@ -188,4 +193,34 @@ fn a_stalled_sink_drops_lines_instead_of_holding_requests() {
         dropped > 0,
         "nothing was dropped: the requests must have waited"
     );
+}
+
+#[test]
+fn a_stalled_sink_holds_at_most_queue_bytes_of_long_lines() {
+    const REQUESTS: usize = 400;
+    const LINE: usize = 8_200;
+    let up = Upstream::start("a");
+    let (fifo, _reader) = stalled_pipe("fifo-bytes");
+    // Far fewer lines than queue_lines (65,536) fit in 1 MiB.
+    let gw = Gateway::start(&config(&up, &fifo, ", queue_bytes: 1MiB"));
+    let long = "a".repeat(7_900);
+    let mut conn = support::Connection::open(gw.addr);
+    for i in 0..REQUESTS {
+        conn.send("GET", "h", &format!("/open/{i}/{long}"), &[], b"");
+        assert_eq!(conn.read_response().status, 200, "request {i}");
+    }
+    // A line is logged after its response: wait for the last one.
+    let dropped = || {
+        gw.admin_get("/config").json()["access_log_dropped"]
+            .as_u64()
+            .unwrap() as usize
+    };
+    // Lines of ~8.2 KB: 1 MiB holds ~128 of them, the pipe ~8 more.
+    let kept = (1 << 20) / LINE + (64 << 10) / LINE;
+    gw.wait_until("the lines past 1 MiB to be dropped", || {
+        dropped() + kept + 4 >= REQUESTS
+    });
+    let dropped = dropped();
+    println!("{REQUESTS} lines of ~{LINE} bytes, {dropped} dropped");
+    assert!(dropped < REQUESTS, "every line was dropped");
 }

@@ -89,6 +89,29 @@ fn groups_and_client_addresses_decide_403() {
 }
 
 #[test]
+fn ipv4_mapped_blocks_match_the_ipv4_clients_they_name() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&format!(
+        "trusted_proxies: [\"::ffff:127.0.0.0/104\"]\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: deny, path_prefix: /deny, upstream: app, ip_deny: [\"::ffff:127.0.0.0/104\"] }}\n  - {{ name: allow, path_prefix: /allow, upstream: app, ip_allow: [\"::ffff:127.0.0.1\"] }}\n  - {{ name: behind, path_prefix: /behind, upstream: app, ip_deny: [203.0.113.0/24] }}\n",
+        up.addr
+    ));
+    // The tests connect from 127.0.0.1, which the mapped blocks name.
+    assert_eq!(gw.get("h", "/deny").assert_gateway_error(403), "forbidden");
+    assert_eq!(gw.get("h", "/allow").status, 200);
+    // The peer is a trusted proxy, so the client is the one it reports.
+    let behind = request(
+        gw.addr,
+        "GET",
+        "h",
+        "/behind",
+        &[("X-Forwarded-For", "203.0.113.9")],
+        b"",
+    );
+    assert_eq!(behind.assert_gateway_error(403), "forbidden");
+    assert_eq!(up.hits(), 1, "only /allow reached the upstream");
+}
+
+#[test]
 fn a_client_cannot_claim_an_identity() {
     let up = Upstream::start("a");
     let gw = Gateway::start(&config(&up, ""));

@@ -1,9 +1,11 @@
 //! WebSocket tunnels: idle longer than the upstream read timeout, closed
-//! after `websocket_idle_timeout`, kept across a SIGHUP reload.
+//! after `websocket_idle_timeout`, kept across a SIGHUP reload; a route
+//! `timeout` bounds a tunnel's whole life, not how long it may idle.
 
 mod support;
 
-use std::time::Duration;
+use std::io::Write;
+use std::time::{Duration, Instant};
 use support::upstream::Scripted;
 use support::{Connection, Gateway};
 
@@ -49,4 +51,47 @@ fn a_silent_tunnel_closes_after_websocket_idle_timeout() {
     assert_eq!(conn.read_bytes(5), b"hello");
     std::thread::sleep(Duration::from_millis(2500));
     assert!(conn.closed_by_server(), "the idle tunnel is still open");
+}
+
+#[test]
+fn with_a_route_timeout_an_idle_tunnel_lasts_until_websocket_idle_timeout() {
+    let ws = Scripted::websocket_echo();
+    // The upstream's read timeout (1s) is shorter than the tunnel's idle
+    // timeout (2s), which is shorter than the route's timeout (8s).
+    let gw = Gateway::start(&config(&ws, ", timeout: 8s, websocket_idle_timeout: 2s", 0));
+    let mut conn = open_tunnel(&gw);
+    conn.send_raw(b"hello");
+    assert_eq!(conn.read_bytes(5), b"hello");
+    // Past timeouts.read, within websocket_idle_timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    conn.send_raw(b"still");
+    assert_eq!(conn.read_bytes(5), b"still");
+    // Past websocket_idle_timeout, well within the route's timeout.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert!(conn.closed_by_server(), "the idle tunnel is still open");
+}
+
+#[test]
+fn the_route_timeout_ends_even_a_busy_tunnel() {
+    let ws = Scripted::websocket_echo();
+    let gw = Gateway::start(&config(&ws, ", timeout: 2s", 0));
+    let mut conn = open_tunnel(&gw);
+    let mut writer = conn.writer();
+    // A byte each way every 100 ms: never idle for any read timeout.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let mut echoes = 0;
+    let closed = loop {
+        if Instant::now() > give_up {
+            break false;
+        }
+        // After the close a write may fail; the read below tells.
+        let _ = writer.write_all(b"x");
+        if conn.closed_by_server() {
+            break true;
+        }
+        echoes += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(closed, "the busy tunnel outlived the route's timeout");
+    assert!(echoes > 0, "the tunnel carried nothing before it closed");
 }

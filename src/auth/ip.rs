@@ -2,18 +2,20 @@
 //! credential.
 
 use http::HeaderName;
+use ipnet::{IpNet, Ipv4Net};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
-/// One CIDR block.
+/// One CIDR block. An IPv4-mapped IPv6 block (`::ffff:10.0.0.0/104`) is
+/// kept as the IPv4 block it names (`10.0.0.0/8`): IPv4 clients are
+/// matched as IPv4 whatever socket they came in on, so the mapped form
+/// would otherwise match nobody.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
-    /// Parses `10.0.0.0/8`, `2001:db8::/32`, or a bare address (one host).
+    /// Parses `10.0.0.0/8`, `2001:db8::/32`, `::ffff:10.0.0.0/104`, or a
+    /// bare address (one host).
     pub fn parse(text: &str) -> Result<Cidr, String> {
         let (addr, prefix) = match text.split_once('/') {
             Some((a, p)) => (a, Some(p)),
@@ -23,21 +25,21 @@ impl Cidr {
             .parse()
             .map_err(|_| format!("{text:?} is not an address or CIDR block like 10.0.0.0/8"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
+        let net = match prefix {
+            None => Ok(IpNet::from(network)),
             Some(p) => p
                 .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
-        };
-        if mask(network, prefix) != network {
+                .map_err(|_| ())
+                .and_then(|p| IpNet::new(network, p).map_err(|_| ())),
+        }
+        .map_err(|()| format!("{text:?}: the prefix length must be 0 to {max}"))?;
+        if net.trunc() != net {
             return Err(format!(
-                "{text:?} has host bits set; write the network address, like {}/{prefix}",
-                mask(network, prefix)
+                "{text:?} has host bits set; write the network address, like {}",
+                net.trunc()
             ));
         }
-        Ok(Cidr { network, prefix })
+        Ok(Cidr(unmapped_net(net)))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -46,30 +48,22 @@ impl Cidr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
+        self.0.contains(&ip)
     }
 }
 
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let kept = if prefix == 0 {
-                0
-            } else {
-                bits & (u32::MAX << (32 - prefix))
-            };
-            IpAddr::V4(kept.into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let kept = if prefix == 0 {
-                0
-            } else {
-                bits & (u128::MAX << (128 - prefix))
-            };
-            IpAddr::V6(kept.into())
-        }
+/// The IPv4 block an IPv4-mapped block (within `::ffff:0:0/96`) names;
+/// any other block as it is.
+fn unmapped_net(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else {
+        return net;
+    };
+    match (
+        v6.network().to_ipv4_mapped(),
+        v6.prefix_len().checked_sub(96),
+    ) {
+        (Some(v4), Some(prefix)) => Ipv4Net::new(v4, prefix).map_or(net, IpNet::V4),
+        _ => net,
     }
 }
 
@@ -211,6 +205,32 @@ mod tests {
         assert!(!doc.contains(ip("10.0.0.1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("1.2.3.4")));
         assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_block_matches_the_ipv4_clients_it_names() {
+        let mapped = Cidr::parse("::ffff:127.0.0.0/104").unwrap();
+        assert_eq!(mapped, Cidr::parse("127.0.0.0/8").unwrap());
+        assert!(mapped.contains(ip("127.0.0.1")));
+        assert!(mapped.contains(ip("::ffff:127.9.9.9")), "arrived mapped");
+        assert!(!mapped.contains(ip("128.0.0.1")));
+        assert!(!mapped.contains(ip("::1")));
+        let host = Cidr::parse("::ffff:192.0.2.7").unwrap();
+        assert!(host.contains(ip("192.0.2.7")));
+        assert!(!host.contains(ip("192.0.2.8")));
+        assert!(Cidr::parse("::ffff:0:0/96")
+            .unwrap()
+            .contains(ip("203.0.113.1")));
+        // A wider IPv6 block is IPv6 space: it names no IPv4 client.
+        assert!(!Cidr::parse("::/0").unwrap().contains(ip("10.0.0.1")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+        assert!(Cidr::parse("::ffff:10.0.0.1/104").is_err(), "host bits");
+        let rules = IpRules {
+            allow: Vec::new(),
+            deny: vec![mapped],
+        };
+        assert!(!rules.permits(Some(ip("127.0.0.1"))));
+        assert!(rules.permits(Some(ip("10.0.0.1"))));
     }
 
     #[test]

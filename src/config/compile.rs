@@ -23,7 +23,7 @@ use crate::downstream::head::MAX_HEADERS;
 use crate::downstream::tls::{Certificate, CertificateSet};
 use crate::downstream::Limits;
 use crate::explain::RoutePattern;
-use crate::observe::access_log::{AccessLog, Destination, QUEUE_LINES};
+use crate::observe::access_log::{AccessLog, Destination, Queue};
 use crate::observe::metrics::RouteMetrics;
 use crate::router::{
     expand_methods, normalize_path, HeaderOps, HostPattern, PathPattern, Route, RouteIndexBuilder,
@@ -911,7 +911,7 @@ fn compile_access_log(
 ) -> Option<Arc<AccessLog>> {
     let settings = match file.access_log.as_ref()? {
         AccessLogSpec::Word(w) if w == "off" => return None,
-        AccessLogSpec::Word(w) if w == "stdout" => (Destination::Stdout, QUEUE_LINES),
+        AccessLogSpec::Word(w) if w == "stdout" => (Destination::Stdout, Queue::default()),
         AccessLogSpec::Word(w) => {
             errors.add(
                 "access_log",
@@ -919,13 +919,34 @@ fn compile_access_log(
             );
             return None;
         }
-        AccessLogSpec::File { path, queue_lines } => {
-            let queue = queue_lines.unwrap_or(QUEUE_LINES);
-            if queue == 0 {
+        AccessLogSpec::File {
+            path,
+            queue_lines,
+            queue_bytes,
+        } => {
+            let defaults = Queue::default();
+            let lines = queue_lines.unwrap_or(defaults.lines);
+            if lines == 0 {
                 errors.add("access_log.queue_lines", "must be at least 1");
                 return None;
             }
-            (Destination::File(base.join(path)), queue)
+            let bytes = match queue_bytes {
+                None => defaults.bytes,
+                Some(text) => {
+                    let bytes = size_at(errors, "access_log.queue_bytes".into(), text)?;
+                    match usize::try_from(bytes) {
+                        Ok(bytes) if bytes >= Queue::MIN_BYTES => bytes,
+                        _ => {
+                            errors.add(
+                                "access_log.queue_bytes",
+                                "must be at least 64KiB (a line longer than the queue is never written)",
+                            );
+                            return None;
+                        }
+                    }
+                }
+            };
+            (Destination::File(base.join(path)), Queue { lines, bytes })
         }
     };
     pools

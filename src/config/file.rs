@@ -364,11 +364,13 @@ pub struct RouteSpec {
     pub max_inflight_per_client: Option<usize>,
 }
 
-/// `access_log`: `off`, `stdout`, or `{ path: FILE }`.
+/// `access_log`: `off`, `stdout`, or `{ path: FILE }`. A misspelt key is
+/// refused, not ignored (a misspelt bound would silently be the default).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(
     untagged,
-    expecting = "off, stdout, or { path: /var/log/tollgate/access.log }"
+    deny_unknown_fields,
+    expecting = "off, stdout, or { path: FILE, queue_lines: N, queue_bytes: SIZE }"
 )]
 pub enum AccessLogSpec {
     Word(String),
@@ -376,6 +378,9 @@ pub enum AccessLogSpec {
         path: String,
         /// Lines queued for the writer before new ones are dropped.
         queue_lines: Option<usize>,
+        /// Bytes of lines queued for the writer before new ones are
+        /// dropped.
+        queue_bytes: Option<SizeText>,
     },
 }
 

@@ -12,7 +12,7 @@
 
 use super::head::{self, HeadStatus, Rejection};
 use super::stream::RequestStream;
-use super::{Limits, SharedLimits};
+use super::{Limits, LimitsSource};
 use crate::observe::request_id;
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
@@ -64,7 +64,7 @@ pub struct LeanKeepalive<A> {
     inner: Arc<A>,
     settings: KeepaliveSettings,
     connections: Arc<ConnectionGauge>,
-    limits: Arc<SharedLimits>,
+    limits: Arc<dyn LimitsSource>,
     h2c: Vec<std::net::SocketAddr>,
 }
 
@@ -73,7 +73,7 @@ impl<A> LeanKeepalive<A> {
         inner: A,
         settings: KeepaliveSettings,
         connections: Arc<ConnectionGauge>,
-        limits: Arc<SharedLimits>,
+        limits: Arc<dyn LimitsSource>,
     ) -> Self {
         LeanKeepalive {
             inner: Arc::new(inner),
@@ -207,7 +207,7 @@ where
                 stream,
                 shutdown,
                 self.h2_settings(),
-                &self.limits,
+                &*self.limits,
             ))
             .await;
             return None;
@@ -238,7 +238,7 @@ where
                         conn,
                         shutdown,
                         settings,
-                        &self.limits,
+                        &*self.limits,
                     ))
                     .await;
                     return None;
@@ -247,7 +247,6 @@ where
                 None => return None,
             }
         }
-        let mut limits = (0, Limits::default());
         loop {
             // A pipelined request may already be here; otherwise wait.
             if conn.stash.is_empty() {
@@ -261,8 +260,7 @@ where
                 // while stopping (with `Connection: close`).
                 return None;
             }
-            self.limits.refresh(&mut limits);
-            let limits = &limits.1;
+            let limits = &self.limits.limits();
             let head = match read_head(&mut conn, limits).await {
                 HeadRead::Head(head) => head,
                 // Readiness left over from the last read, not a new
@@ -642,7 +640,7 @@ mod tests {
                 drain_idle: super::super::drain::DEFAULT_DRAIN_IDLE,
             },
             Arc::new(ConnectionGauge::default()),
-            Arc::new(SharedLimits::new(Limits::default())),
+            Arc::new(Limits::default()),
         ));
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let stream: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));

@@ -18,7 +18,7 @@
 //! Streams run as tasks of their own, as in Pingora's loop; the connection
 //! task only accepts them and drives the connection.
 
-use super::{Limits, SharedLimits};
+use super::{Limits, LimitsSource};
 use pingora::apps::HttpServerApp;
 use pingora::protocols::http::v2::server::{self as v2, H2Accept, HttpSession};
 use pingora::protocols::http::ServerSession;
@@ -58,7 +58,7 @@ pub async fn serve<A>(
     stream: Stream,
     shutdown: &ShutdownWatch,
     settings: H2Settings,
-    limits: &SharedLimits,
+    limits: &dyn LimitsSource,
 ) where
     A: HttpServerApp + Send + Sync + 'static,
 {
@@ -80,7 +80,6 @@ pub async fn serve<A>(
     let mut closing = false;
     let mut accepted: u32 = 0;
     let mut malformed = 0usize;
-    let mut current = (0, Limits::default());
     loop {
         let next = tokio::select! {
             biased;
@@ -126,8 +125,7 @@ pub async fn serve<A>(
                 return;
             }
         }
-        limits.refresh(&mut current);
-        let watch = (!session.is_body_empty()).then(|| BodyClock::new(&session, current.1));
+        let watch = (!session.is_body_empty()).then(|| BodyClock::new(&session, limits.limits()));
         let open = streams.open();
         let app = Arc::clone(app);
         let shutdown = shutdown.clone();

@@ -23,40 +23,19 @@ pub mod tls;
 
 pub use connection::{ConnectionGauge, KeepaliveSettings, LeanKeepalive};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-/// The client limits of the running configuration, published on each
-/// load and read before each request of every connection: one atomic load
-/// while nothing changed, so a reload applies from the next request on.
-#[derive(Debug)]
-pub struct SharedLimits {
-    generation: AtomicU64,
-    current: Mutex<Limits>,
+/// Where the connection loops read the client limits of the running
+/// configuration, before each request: the store, from its one snapshot,
+/// so new limits apply from the moment the rest of a reload does.
+pub trait LimitsSource: Send + Sync {
+    fn limits(&self) -> Limits;
 }
 
-impl SharedLimits {
-    pub fn new(limits: Limits) -> Self {
-        SharedLimits {
-            generation: AtomicU64::new(1),
-            current: Mutex::new(limits),
-        }
-    }
-
-    pub fn publish(&self, limits: Limits) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = limits;
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// Brings a connection's copy up to date; `cached.0` is the generation
-    /// it was taken at (0 for none yet).
-    pub fn refresh(&self, cached: &mut (u64, Limits)) {
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation != cached.0 {
-            cached.1 = *self.current.lock().unwrap_or_else(PoisonError::into_inner);
-            cached.0 = generation;
-        }
+/// Limits that never change (tests, tools).
+impl LimitsSource for Limits {
+    fn limits(&self) -> Limits {
+        *self
     }
 }
 

@@ -18,12 +18,13 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Most bytes of following requests held while the current one is served;
@@ -47,6 +48,11 @@ pub struct RequestStream {
     facts: HeadFacts,
     /// Set when a 101 turned the connection into a tunnel.
     tunnel: AtomicBool,
+    /// When the route's `timeout` ends the tunnel, however busy: set at
+    /// the 101 through a shared reference, as `tunnel` is.
+    tunnel_deadline: OnceLock<Instant>,
+    /// That deadline's timer, armed by the tunnel's first read or write.
+    tunnel_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The client closed its side while requests were still stashed.
     eof: bool,
     /// The end of the current message is unknown; never reuse.
@@ -77,6 +83,8 @@ impl RequestStream {
             framing: Framing::Length(0),
             facts: HeadFacts::default(),
             tunnel: AtomicBool::new(false),
+            tunnel_deadline: OnceLock::new(),
+            tunnel_timer: None,
             eof: false,
             poisoned: false,
             pending: None,
@@ -123,6 +131,31 @@ impl RequestStream {
     /// upgrade. Called through a shared reference from the proxy.
     pub fn open_tunnel(&self) {
         self.tunnel.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends the tunnel at `deadline`: its reads and writes fail from then
+    /// on, which ends Pingora's relaying both ways. Pingora re-arms its
+    /// read timeouts on traffic, so they cannot bound a busy tunnel.
+    pub fn end_tunnel_at(&self, deadline: Instant) {
+        let _ = self.tunnel_deadline.set(deadline);
+    }
+
+    /// Fails once the tunnel's deadline has passed; until then the timer
+    /// wakes the task that relays the tunnel when it does.
+    fn poll_tunnel_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(&deadline) = self.tunnel_deadline.get() else {
+            return Ok(());
+        };
+        let timer = self
+            .tunnel_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the route's timeout ended the tunnel",
+            )),
+            Poll::Pending => Ok(()),
+        }
     }
 
     /// Whether another request may follow on this connection.
@@ -226,6 +259,9 @@ impl AsyncRead for RequestStream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.passthrough() {
+            if this.tunnel.load(Ordering::Relaxed) {
+                this.poll_tunnel_deadline(cx)?;
+            }
             if !this.stash.is_empty() {
                 let n = this.stash.len().min(buf.remaining());
                 buf.put_slice(&this.stash[..n]);
@@ -291,6 +327,7 @@ impl AsyncWrite for RequestStream {
         // A tunnel's bytes go out as they come (nothing gathers them into
         // a response and flushes it).
         if this.tunnel.load(Ordering::Relaxed) {
+            this.poll_tunnel_deadline(cx)?;
             if this.poll_write_pending(cx)?.is_pending() {
                 return Poll::Pending;
             }
@@ -425,5 +462,53 @@ impl Peek for RequestStream {
         let n = self.stash.len().min(buf.len());
         buf[..n].copy_from_slice(&self.stash[..n]);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_tunnel_ends_at_its_deadline_however_busy() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut stream = RequestStream::new(Box::new(server));
+        stream.open_tunnel();
+        stream.end_tunnel_at(Instant::now() + Duration::from_millis(200));
+        // Until then bytes pass both ways.
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        stream.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        // With nothing to read, the read ends at the deadline.
+        let ended = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("the read outlived the deadline");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        // From then on nothing passes, either way.
+        client.write_all(b"late").await.unwrap();
+        let late = stream.read(&mut buf).await;
+        assert_eq!(late.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let write = stream.write_all(b"late").await;
+        assert_eq!(write.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_without_a_deadline_waits_for_its_bytes() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut stream = RequestStream::new(Box::new(server));
+        stream.open_tunnel();
+        let mut buf = [0u8; 4];
+        let waited = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await;
+        assert!(waited.is_err(), "a read ended with nothing to read");
+        client.write_all(b"ping").await.unwrap();
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
     }
 }

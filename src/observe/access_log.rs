@@ -6,16 +6,21 @@
 //! nobody else wants: the writer thread only takes it to swap the buffer
 //! for an empty one every 20 ms. So a line costs no allocation, no
 //! channel and no copy; a batch is one write. When the lines waiting
-//! reach `queue_lines` (the writer is stuck on a full disk or pipe), new
-//! lines are dropped and counted ([`dropped`]): a request never waits for
-//! the disk. `SIGUSR1` reopens the file (for logrotate), and lines still
-//! waiting when the process exits are written on the way out.
+//! reach `queue_lines`, or their bytes `queue_bytes` (the writer is stuck
+//! on a full disk or pipe), new lines are dropped and counted
+//! ([`dropped`]): a request never waits for the disk, and a stalled sink
+//! holds at most `queue_bytes` of lines however long they are. `SIGUSR1`
+//! reopens the file (for logrotate), and lines still waiting when the
+//! process exits are written on the way out.
 //!
-//! The running sink is process-wide ([`install`]), so the connection loop,
-//! which refuses malformed requests before any route is known, logs
-//! through the same one as the proxy.
+//! The running sink is the running snapshot's, read from the store's one
+//! published value ([`follow`]): the connection loop, which refuses
+//! malformed requests before any route is known, logs through the same one
+//! as the proxy, and a reload changes it with the rest of the config in one
+//! swap.
 
-use arc_swap::ArcSwapOption;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -24,11 +29,37 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Lines waiting before new ones are dropped, unless configured.
-pub const QUEUE_LINES: usize = 65_536;
+/// How much may wait for the writer before new lines are dropped: the
+/// first bound reached drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queue {
+    pub lines: usize,
+    /// Bytes of formatted lines.
+    pub bytes: usize,
+}
+
+impl Queue {
+    /// The least `queue_bytes`: a line longer than the queue is never
+    /// written, and a line's path alone may be `limits.max_uri_bytes`.
+    pub const MIN_BYTES: usize = 64 * 1024;
+}
+
+impl Default for Queue {
+    /// 65,536 lines, 64 MiB. Lines of a few hundred bytes (most requests)
+    /// reach the line bound first, at some 20-30 MB, so the byte bound
+    /// changes nothing for them; it caps what long lines (long paths and
+    /// hosts, up to `limits.max_uri_bytes` and `max_header_bytes`) could
+    /// hold: 65,536 lines of 8 KiB paths were over 600 MB.
+    fn default() -> Self {
+        Queue {
+            lines: 65_536,
+            bytes: 64 * 1024 * 1024,
+        }
+    }
+}
 /// Buffers lines are formatted into. Threads take them in turn, so up to
 /// this many worker threads never share one.
 const SHARDS: usize = 16;
@@ -64,7 +95,9 @@ struct Shared {
     shards: [Shard; SHARDS],
     /// Lines formatted and not yet written (taken, or still in a buffer).
     waiting: AtomicUsize,
-    capacity: usize,
+    /// Their bytes.
+    waiting_bytes: AtomicUsize,
+    capacity: Queue,
     /// The sink is gone: the writer writes what is left and stops.
     closed: AtomicBool,
     /// Taken by whoever writes: the writer thread, or the exit handler.
@@ -103,9 +136,8 @@ impl Drop for AccessLog {
     }
 }
 
-static SINK: ArcSwapOption<AccessLog> = ArcSwapOption::const_empty();
-/// Whether `SINK` holds one: cheaper to ask than loading the sink.
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The store's running snapshot, whose sink lines go to.
+static RUNNING: OnceLock<Arc<ArcSwap<Snapshot>>> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static REOPEN: AtomicBool = AtomicBool::new(false);
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
@@ -132,44 +164,40 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Makes `sink` the one requests write to (`None`: access log off).
-pub fn install(sink: Option<Arc<AccessLog>>) {
-    static AT_EXIT: std::sync::Once = std::sync::Once::new();
-    if sink.is_some() {
-        AT_EXIT.call_once(|| {
-            // SAFETY: registers a plain `extern "C"` function without
-            // arguments; Pingora ends the process with `exit`, which runs
-            // it.
-            unsafe {
-                libc::atexit(flush_at_exit);
-            }
-        });
+/// Logs through the sink of whatever snapshot `running` holds (none: the
+/// access log is off). A process serves one configuration: the first
+/// store opened (the one that serves) is followed, later ones are not.
+pub fn follow(running: Arc<ArcSwap<Snapshot>>) {
+    if RUNNING.set(running).is_ok() {
+        // SAFETY: registers a plain `extern "C"` function without
+        // arguments; Pingora ends the process with `exit`, which runs it.
+        unsafe {
+            libc::atexit(flush_at_exit);
+        }
     }
-    ENABLED.store(sink.is_some(), Ordering::Relaxed);
-    SINK.store(sink);
 }
 
 /// Whether lines are being written at all (skip formatting when not).
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    RUNNING
+        .get()
+        .is_some_and(|running| running.load().access_log.is_some())
 }
 
 /// Logs one request; drops and counts the line when too many wait.
 pub fn log(entry: &Entry) {
-    let sink = SINK.load();
-    let Some(sink) = sink.as_ref() else {
+    let Some(running) = RUNNING.get() else {
         return;
     };
-    sink.started.call_once(|| sink.start_writer());
-    let shared = &sink.shared;
-    if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.capacity {
-        shared.waiting.fetch_sub(1, Ordering::Relaxed);
-        DROPPED.fetch_add(1, Ordering::Relaxed);
+    let snapshot = running.load();
+    let Some(sink) = snapshot.access_log.as_deref() else {
         return;
-    }
-    let mut pending = lock(&shared.shards[shard_index()].0);
-    entry.write(&mut pending.bytes);
-    pending.lines += 1;
+    };
+    sink.log(entry);
+}
+
+fn dropped_line() {
+    DROPPED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Locks ignoring poisoning: a buffer of finished lines stays usable
@@ -182,12 +210,13 @@ impl AccessLog {
     /// Opens the destination; its writer thread starts with the first
     /// line and ends after this value is dropped and every line is
     /// written.
-    pub fn open(destination: Destination, queue_lines: usize) -> Result<Self, String> {
+    pub fn open(destination: Destination, queue: Queue) -> Result<Self, String> {
         let sink = open(&destination)?;
         let shared = Arc::new(Shared {
             shards: Default::default(),
             waiting: AtomicUsize::new(0),
-            capacity: queue_lines,
+            waiting_bytes: AtomicUsize::new(0),
+            capacity: queue,
             closed: AtomicBool::new(false),
             out: Mutex::new(Output {
                 sink,
@@ -201,6 +230,34 @@ impl AccessLog {
             shared,
             started: std::sync::Once::new(),
         })
+    }
+
+    /// Formats `entry` into this thread's buffer, unless the queue is
+    /// full.
+    fn log(&self, entry: &Entry) {
+        self.started.call_once(|| self.start_writer());
+        let shared = &self.shared;
+        // A full queue by bytes drops the line before it is formatted.
+        if shared.waiting_bytes.load(Ordering::Relaxed) >= shared.capacity.bytes {
+            return dropped_line();
+        }
+        if shared.waiting.fetch_add(1, Ordering::Relaxed) >= shared.capacity.lines {
+            shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            return dropped_line();
+        }
+        let mut pending = lock(&shared.shards[shard_index()].0);
+        let start = pending.bytes.len();
+        entry.write(&mut pending.bytes);
+        // A line's length is known once it is formatted: one that does not
+        // fit is taken back out.
+        let len = pending.bytes.len() - start;
+        if shared.waiting_bytes.fetch_add(len, Ordering::Relaxed) + len > shared.capacity.bytes {
+            shared.waiting_bytes.fetch_sub(len, Ordering::Relaxed);
+            shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            pending.bytes.truncate(start);
+            return dropped_line();
+        }
+        pending.lines += 1;
     }
 
     fn start_writer(&self) {
@@ -252,8 +309,11 @@ const EXIT_WAIT: Duration = Duration::from_secs(1);
 /// writer stuck on a sink (a pipe nobody reads) must not hold the exit:
 /// after [`EXIT_WAIT`] the lines are given up.
 extern "C" fn flush_at_exit() {
-    let sink = SINK.load();
-    let Some(sink) = sink.as_ref() else {
+    let Some(running) = RUNNING.get() else {
+        return;
+    };
+    let snapshot = running.load();
+    let Some(sink) = snapshot.access_log.as_deref() else {
         return;
     };
     let start = std::time::Instant::now();
@@ -287,6 +347,9 @@ impl Output {
             // Only now: lines stuck behind a blocked write still count
             // as waiting, so new ones are dropped rather than piling up.
             shared.waiting.fetch_sub(lines, Ordering::Relaxed);
+            shared
+                .waiting_bytes
+                .fetch_sub(spare.len(), Ordering::Relaxed);
             spare.clear();
             if spare.capacity() > KEEP_BYTES {
                 *spare = Vec::new();
@@ -637,6 +700,98 @@ fn format_second(secs: u64) -> [u8; 19] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink whose writer never runs: as stalled as a sink gets.
+    fn stalled(tag: &str, queue: Queue) -> AccessLog {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-access-log-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sink = AccessLog::open(Destination::File(dir.join("access.log")), queue).unwrap();
+        // The open file is enough: nothing is ever written to it.
+        let _ = std::fs::remove_dir_all(&dir);
+        sink.started.call_once(|| {});
+        sink
+    }
+
+    fn buffered(sink: &AccessLog) -> usize {
+        sink.shared
+            .shards
+            .iter()
+            .map(|s| lock(&s.0).bytes.len())
+            .sum()
+    }
+
+    #[test]
+    fn a_stalled_queue_drops_lines_past_either_bound() {
+        let before = dropped();
+        // Long lines reach the byte bound first...
+        let long = stalled(
+            "bytes",
+            Queue {
+                lines: 1000,
+                bytes: Queue::MIN_BYTES,
+            },
+        );
+        let path = vec![b'a'; 7900];
+        let entry = Entry {
+            path: &path,
+            ..Entry::default()
+        };
+        let line = entry.line().len();
+        for _ in 0..100 {
+            long.log(&entry);
+        }
+        let fit = Queue::MIN_BYTES / line;
+        assert_eq!(long.shared.waiting.load(Ordering::Relaxed), fit);
+        assert_eq!(
+            long.shared.waiting_bytes.load(Ordering::Relaxed),
+            fit * line
+        );
+        assert_eq!(
+            buffered(&long),
+            fit * line,
+            "a dropped line leaves no bytes"
+        );
+        // ...short ones the line bound.
+        let short = stalled(
+            "lines",
+            Queue {
+                lines: 10,
+                bytes: Queue::MIN_BYTES,
+            },
+        );
+        for _ in 0..25 {
+            short.log(&Entry::default());
+        }
+        assert_eq!(short.shared.waiting.load(Ordering::Relaxed), 10);
+        assert_eq!(buffered(&short), 10 * Entry::default().line().len());
+        // Every line that did not fit was counted (other tests drop none).
+        assert_eq!(dropped() - before, (100 - fit + 15) as u64);
+    }
+
+    #[test]
+    fn written_lines_leave_the_queue() {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-access-log-{}-written",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("access.log");
+        let sink = AccessLog::open(Destination::File(file.clone()), Queue::default()).unwrap();
+        for _ in 0..50 {
+            sink.log(&Entry::default());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.shared.waiting_bytes.load(Ordering::Relaxed) > 0 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(sink.shared.waiting.load(Ordering::Relaxed), 0);
+        let written = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(written.lines().count(), 50);
+        drop(sink);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {

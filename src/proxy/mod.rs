@@ -339,6 +339,14 @@ impl ProxyHttp for Gateway {
         let mut peer = cluster
             .peer(index)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "selected target vanished"))?;
+        if session.is_upgrade_req() {
+            // An upgraded connection reads the upstream with this timeout
+            // for its whole life (Pingora sets it per connection): a tunnel
+            // may idle up to websocket_idle_timeout, never just
+            // timeouts.read. Until the 101 the route's `timeout`, when it
+            // has one, cuts it below.
+            peer.options.read_timeout = Some(m.route.policy.websocket_idle_timeout);
+        }
         if let Some(deadline) = ctx.timing.deadline {
             // The route's timeout bounds all attempts together: this one
             // gets what is left of it.
@@ -355,14 +363,6 @@ impl ProxyHttp for Gateway {
             ] {
                 *t = Some(t.map_or(left, |t| t.min(left)));
             }
-        }
-        if session.is_upgrade_req() && ctx.timing.deadline.is_none() {
-            // An upgraded connection reads the upstream with this timeout
-            // for its whole life (Pingora sets it per connection): a tunnel
-            // may idle up to websocket_idle_timeout, not timeouts.read.
-            // The handshake's answer is then bounded by the route's
-            // `timeout`, when it has one (the branch above).
-            peer.options.read_timeout = Some(m.route.policy.websocket_idle_timeout);
         }
         ctx.attempt.target = Some((index, cluster.acquire(index)));
         ctx.timing.upstream_start = Some(Instant::now());
@@ -415,7 +415,7 @@ impl ProxyHttp for Gateway {
         response::check_status(upstream_response)?;
         response::check_interim(upstream_response, &mut ctx.timing, &m_cluster)?;
         response::strip_hop_by_hop(upstream_response)?;
-        response::accept_upgrade(session, upstream_response, tunnel_idle)?;
+        response::accept_upgrade(session, upstream_response, tunnel_idle, ctx.timing.deadline)?;
         Ok(())
     }
 

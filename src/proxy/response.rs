@@ -127,11 +127,14 @@ fn is_hop_token(token: &[u8]) -> bool {
 
 /// A 101 goes through only as the answer to an upgrade request (Pingora
 /// relays one whenever the requests to both sides agree, including when
-/// neither asked); it turns the client connection into a tunnel.
+/// neither asked); it turns the client connection into a tunnel, which
+/// closes after `idle` without traffic either way, and at the route's
+/// `deadline` (its `timeout`) however busy.
 pub fn accept_upgrade(
     session: &mut Session,
     resp: &ResponseHeader,
     idle: std::time::Duration,
+    deadline: Option<Instant>,
 ) -> Result<()> {
     if resp.status.as_u16() != 101 {
         return Ok(());
@@ -147,6 +150,9 @@ pub fn accept_upgrade(
         .and_then(|s| s.as_any().downcast_ref::<RequestStream>())
     {
         stream.open_tunnel();
+        if let Some(deadline) = deadline {
+            stream.end_tunnel_at(deadline);
+        }
     }
     // body_timeout is for request bodies; a tunnel may idle up to the
     // route's websocket_idle_timeout (the upstream side has it too).
