@@ -31,7 +31,7 @@ fn start() -> Setup {
     );
     let log = support::scratch_dir("policy-log").join("access.log");
     let body = format!(
-        "access_log: {{ path: \"{}\" }}\nauth:\n  api_keys: {{ header: X-API-Key }}\nconsumers:\n  alice: {{ api_keys: [\"{}\"] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\n  reflecting: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: admin, hosts: [admin.test], path_prefix: /, upstream: app, auth: [api_key] }}\n  - {{ name: api, path_prefix: /api, methods: [GET], upstream: app, auth: [api_key] }}\n  - {{ name: page, path_prefix: /page, methods: [GET, POST], upstream: reflecting, cors: {{ origins: [\"https://app.example\"], methods: [GET, POST], credentials: true }} }}\n  - {{ name: closed, path_prefix: /closed, upstream: app, ip_deny: [127.0.0.0/8], cors: {{ origins: [\"https://app.example\"], methods: [GET] }} }}\n  - {{ name: public, path_prefix: /, upstream: app }}\n",
+        "access_log: {{ path: \"{}\" }}\nauth:\n  api_keys: {{ header: X-API-Key, query: api_key }}\nconsumers:\n  alice: {{ api_keys: [\"{}\"] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\n  reflecting: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: admin, hosts: [admin.test], path_prefix: /, upstream: app, auth: [api_key] }}\n  - {{ name: api, path_prefix: /api, methods: [GET], upstream: app, auth: [api_key] }}\n  - {{ name: page, path_prefix: /page, methods: [GET, POST], upstream: reflecting, cors: {{ origins: [\"https://app.example\"], methods: [GET, POST], credentials: true }} }}\n  - {{ name: closed, path_prefix: /closed, upstream: app, ip_deny: [127.0.0.0/8], cors: {{ origins: [\"https://app.example\"], methods: [GET] }} }}\n  - {{ name: public, path_prefix: /, upstream: app }}\n",
         log.display(),
         digest_of(KEY),
         up.addr,
@@ -90,7 +90,10 @@ fn named<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
 #[test]
 fn a_malformed_host_is_refused_on_every_protocol_never_routed_hostless() {
     let s = start();
-    let hosts: [&[u8]; 9] = [
+    let hosts: [&[u8]; 12] = [
+        b"admin.test..",
+        b".admin.test",
+        b"admin..test",
         b"admin.test\t",
         b"admin.test,x",
         b"admin.test x",
@@ -202,6 +205,23 @@ fn a_second_credential_is_refused_never_forwarded() {
     s.m.each(&two_authorizations, |protocol, r| {
         assert_eq!(r.assert_gateway_error(400), "bad_request", "{protocol:?}");
     });
+    // Query parameters are keys too, compared as a query parser reads them.
+    for target in [
+        format!("/api/x?api_key={KEY}&api%5Fkey=forged"),
+        format!("/api/x?api_key={KEY}&api_key"),
+    ] {
+        s.m.each(&Request::get(&target), |protocol, r| {
+            assert_eq!(
+                r.assert_gateway_error(400),
+                "bad_request",
+                "{protocol:?} {target}"
+            );
+        });
+    }
+    let mixed = Request::get("/api/x?api_key=forged").header("x-api-key", KEY);
+    s.m.each(&mixed, |protocol, r| {
+        assert_eq!(r.assert_gateway_error(400), "bad_request", "{protocol:?}");
+    });
     let one = Request::get("/api/x").header("x-api-key", KEY);
     s.m.each(&one, |protocol, r| {
         assert_eq!(r.status, 200, "{protocol:?}: {r:?}");
@@ -231,6 +251,18 @@ fn a_method_the_specific_route_does_not_allow_is_405_not_the_catch_all() {
         r.assert_gateway_error(405);
         let _ = protocol;
     });
+    // A segment of parameters alone is an empty segment to a backend that
+    // strips parameters and merges slashes (`/api/users` to it): refused,
+    // never given to the catch-all.
+    for path in ["/;/api/users", "/;x=1/api/users", "/%3B/api/users"] {
+        s.m.each(&Request::new("POST", path), |protocol, r| {
+            assert_eq!(
+                r.assert_gateway_error(400),
+                "bad_request",
+                "{protocol:?} {path}"
+            );
+        });
+    }
     // Paths no more specific route claims still reach the catch-all.
     s.m.each(&Request::new("POST", "/apix"), |protocol, r| {
         assert_eq!(r.status, 200, "{protocol:?}: {r:?}");
@@ -322,6 +354,23 @@ fn the_client_cannot_speak_for_the_gateway() {
         named(&received(&r), "x-forwarded-for"),
         ["10.1.1.1, 127.0.0.1"]
     );
+}
+
+#[test]
+fn a_repeated_content_length_goes_on_once() {
+    let s = start();
+    let req = Request::new("POST", "/x")
+        .header("content-length", "5")
+        .header("content-length", "5")
+        .body(b"hello");
+    s.m.each(&req, |protocol, r| {
+        assert_eq!(r.status, 200, "{protocol:?}: {r:?}");
+        assert_eq!(
+            named(&received(&r), "content-length"),
+            ["5"],
+            "{protocol:?}"
+        );
+    });
 }
 
 #[test]

@@ -90,16 +90,19 @@ impl ApiKeys {
     /// Checks the key the request carries.
     pub fn check(&self, req: &RequestHeader) -> KeyCheck {
         let mut values = req.headers.get_all(&self.header).iter();
-        let key = match (values.next(), values.next()) {
-            (Some(_), Some(_)) => return KeyCheck::Ambiguous,
-            (Some(value), None) => Some(value.as_bytes()),
-            (None, _) => match self.query.as_deref() {
-                Some(name) => match query_values(req, name) {
-                    (Some(_), Some(_)) => return KeyCheck::Ambiguous,
-                    (first, _) => first,
-                },
-                None => None,
-            },
+        let query = match self.query.as_deref() {
+            Some(name) => query_values(req, name),
+            None => (None, None),
+        };
+        // Two keys of any kind (two headers, two parameters, a header and a
+        // parameter): which one was checked and which one an upstream reads
+        // could differ.
+        let key = match (values.next(), values.next(), query) {
+            (Some(_), Some(_), _) | (Some(_), _, (Some(_), _)) | (None, _, (Some(_), Some(_))) => {
+                return KeyCheck::Ambiguous
+            }
+            (Some(value), None, (None, _)) => Some(value.as_bytes()),
+            (None, _, (first, _)) => first,
         };
         let Some(key) = key else {
             return KeyCheck::Missing;
@@ -135,16 +138,46 @@ impl ApiKeys {
 
 /// A query parameter's raw values (keys are not percent-decoded: they are
 /// tokens, and a key needing escapes is not one): the first two, to tell a
-/// repeated parameter.
+/// repeated parameter. Parameter names are compared as a query parser
+/// reads them (`api%5Fkey` is `api_key`), and a name without `=` counts,
+/// with an empty value.
 fn query_values<'a>(req: &'a RequestHeader, name: &str) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
     let Some(query) = req.uri.query() else {
         return (None, None);
     };
     let mut values = query.split('&').filter_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then_some(v.as_bytes())
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        same_name(k, name).then_some(v.as_bytes())
     });
     (values.next(), values.next())
+}
+
+/// Whether a query parameter's name, as sent, is `name` once decoded
+/// (`+` is a space; `%XX` a byte).
+fn same_name(sent: &str, name: &str) -> bool {
+    if !sent.contains(['%', '+']) {
+        return sent == name;
+    }
+    let sent = sent.as_bytes();
+    let mut decoded = Vec::with_capacity(sent.len());
+    let mut i = 0;
+    while i < sent.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match sent[i] {
+            b'%' if i + 2 < sent.len() => match (hex(sent[i + 1]), hex(sent[i + 2])) {
+                (Some(h), Some(l)) => {
+                    decoded.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => decoded.push(b'%'),
+            },
+            b'+' => decoded.push(b' '),
+            b => decoded.push(b),
+        }
+        i += 1;
+    }
+    decoded == name.as_bytes()
 }
 
 /// Parses a configured key, `sha256:<64 hex digits>`.
@@ -169,6 +202,42 @@ pub fn digest_of(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_names_are_compared_decoded() {
+        assert!(same_name("api_key", "api_key"));
+        assert!(same_name("api%5Fkey", "api_key"));
+        assert!(same_name("api%5fkey", "api_key"));
+        assert!(same_name("api+key", "api key"));
+        assert!(!same_name("api%5", "api_key"));
+        assert!(!same_name("api%zzkey", "api_key"));
+        assert!(!same_name("apikey", "api_key"));
+    }
+
+    #[test]
+    fn every_second_key_is_ambiguous() {
+        let keys = keys();
+        let with = |target: &str, header: Option<&str>| {
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+            if let Some(h) = header {
+                req.insert_header("X-API-Key", h).unwrap();
+            }
+            keys.check(&req)
+        };
+        for (target, header) in [
+            ("/?api_key=a&api%5Fkey=b", None),
+            ("/?api_key=a&api_key", None),
+            ("/?api_key=a", Some("a")),
+        ] {
+            assert_eq!(
+                with(target, header),
+                KeyCheck::Ambiguous,
+                "{target} {header:?}"
+            );
+        }
+        assert_eq!(with("/?api_key", None), KeyCheck::Invalid);
+        assert_eq!(with("/?other=1", None), KeyCheck::Missing);
+    }
 
     fn keys() -> ApiKeys {
         let mut keys = ApiKeys::new(HeaderName::from_static("x-api-key"), Some("api_key".into()));

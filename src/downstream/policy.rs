@@ -222,17 +222,28 @@ pub fn check_parsed(req: &mut RequestHeader) -> Result<HeadFacts, Rejection> {
         return Err(bad("the request names no host"));
     }
     let upgrade = rules.upgrade;
+    // HTTP/2 frames its body itself, but an HTTP/1 upstream reads the
+    // length: repeated (equal) values go on as one, as on HTTP/1.
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = lengths.next();
+    let length = first
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.trim().parse().ok());
+    let mut repeated = None;
+    for other in lengths {
+        if Some(other) != first {
+            return Err(bad("the Content-Length header is invalid"));
+        }
+        repeated = first.cloned();
+    }
     if rules.rewrite {
         drop_fields(req);
     }
-    Ok(HeadFacts {
-        upgrade,
-        length: req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.trim().parse().ok()),
-    })
+    if let Some(one) = repeated {
+        req.remove_header(&http::header::CONTENT_LENGTH);
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, one);
+    }
+    Ok(HeadFacts { upgrade, length })
 }
 
 /// Removes what [`FieldRules`] said must not go on from a parsed head
@@ -335,7 +346,10 @@ pub fn split_authority(v: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
             Some(b':') => (&v[..end], Some(&v[end + 1..])),
             Some(_) => return None,
         };
-        if host.is_empty() {
+        // Empty labels (`.a`, `a..b`; one trailing dot is a fully
+        // qualified name): an upstream that trims dots may read another
+        // host than the one routed.
+        if host.is_empty() || host[0] == b'.' || host.windows(2).any(|w| w == b"..") {
             return None;
         }
         (host, port)
@@ -419,6 +433,9 @@ mod tests {
             b"admin.\xfftest",
             b"u@admin.test",
             b"",
+            b"admin.test..",
+            b".admin.test",
+            b"admin..test",
         ] {
             let mut req = h2("GET", "/x", &[("host", host)]);
             assert_eq!(status(check_parsed(&mut req)), 400, "{host:?}");
@@ -454,6 +471,23 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, [("accept", &b"*/*"[..]), ("x-request-id", b"one")]);
+    }
+
+    #[test]
+    fn a_repeated_content_length_goes_on_once() {
+        let mut req = h2(
+            "POST",
+            "http://a/x",
+            &[("content-length", b"5"), ("content-length", b"5")],
+        );
+        assert_eq!(check_parsed(&mut req).ok().and_then(|f| f.length), Some(5));
+        assert_eq!(req.headers.get_all("content-length").iter().count(), 1);
+        let mut req = h2(
+            "POST",
+            "http://a/x",
+            &[("content-length", b"5"), ("content-length", b"6")],
+        );
+        assert_eq!(status(check_parsed(&mut req)), 400);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub enum PathError {
     BadPercentEncoding,
     AboveRoot,
     DotSegmentParameters,
+    EmptySegmentParameters,
 }
 
 impl PathError {
@@ -41,6 +42,9 @@ impl PathError {
             PathError::AboveRoot => "the path climbs above the root with '..'",
             PathError::DotSegmentParameters => {
                 "the path has a dot-segment with parameters ('..;' or '.;')"
+            }
+            PathError::EmptySegmentParameters => {
+                "the path has a segment of parameters alone ('/;')"
             }
         }
     }
@@ -169,6 +173,9 @@ fn rebuild(bytes: &[u8]) -> Result<String, PathError> {
         if is_dot_with_parameters(&segment) {
             return Err(PathError::DotSegmentParameters);
         }
+        if starts_with_parameters(&segment) {
+            return Err(PathError::EmptySegmentParameters);
+        }
         match segment.as_slice() {
             b"" => trailing_slash = true,
             b"." => trailing_slash = true,
@@ -203,6 +210,17 @@ fn is_dot_with_parameters(segment: &[u8]) -> bool {
         r.first() == Some(&b';')
             || (r.len() >= 3 && r[0] == b'%' && r[1] == b'3' && r[2].eq_ignore_ascii_case(&b'b'))
     })
+}
+
+/// `;x` and its `%3B` spelling: an empty segment to a backend that strips
+/// path parameters and merges slashes (`/;/admin` is its `/admin`), a
+/// named one to the router (which would send it to a catch-all).
+fn starts_with_parameters(segment: &[u8]) -> bool {
+    segment.first() == Some(&b';')
+        || (segment.len() >= 3
+            && segment[0] == b'%'
+            && segment[1] == b'3'
+            && segment[2].eq_ignore_ascii_case(&b'b'))
 }
 
 /// The path to match routes on: each segment without its `;parameters`
@@ -293,6 +311,16 @@ mod tests {
                 "{p}"
             );
         }
+        // A backend that strips parameters and merges slashes reads these
+        // as `/api/users`; the router would not.
+        for p in ["/;/api/users", "/;x=1/api", "/%3B/api", "/a/;/b", "/;"] {
+            assert_eq!(
+                normalize_path(p),
+                Err(PathError::EmptySegmentParameters),
+                "{p}"
+            );
+        }
+        assert!(normalize_path("/api;x=1/users").is_ok());
         assert_eq!(normalize_path(""), Err(PathError::NotAbsolute));
     }
 }
