@@ -49,16 +49,82 @@ pub enum OnError {
 }
 
 /// The `redis:` section, compiled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
+    /// As written, password included: for connecting only; everything
+    /// shown goes through [`redacted`].
     pub url: String,
     pub timeout: Duration,
     pub on_error: OnError,
 }
 
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redacted(&self.url))
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// A Redis URL fit to be shown (logs, `/config`, config errors): its
+/// password, and a user part written without one (often a password
+/// too), replaced by `***`, as is a `pass=` or `password=` parameter
+/// (where unix-socket URLs carry it).
+pub fn redacted(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let rest = match url.find("://") {
+        Some(i) => {
+            let (scheme, rest) = url.split_at(i + 3);
+            out.push_str(scheme);
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, rest) = rest.split_at(authority_end);
+            match authority.rfind('@') {
+                Some(at) => {
+                    match authority[..at].split_once(':') {
+                        Some((user, _)) => {
+                            out.push_str(user);
+                            out.push_str(":***");
+                        }
+                        None => out.push_str("***"),
+                    }
+                    out.push_str(&authority[at..]);
+                }
+                None => out.push_str(authority),
+            }
+            rest
+        }
+        None => url,
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    };
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _)) if name == "pass" || name == "password" => {
+                    out.push_str(name);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
+}
+
 /// The shared connection and how it is doing.
 pub struct Redis {
     pub settings: RedisSettings,
+    /// `settings.url` [`redacted`], rendered once.
+    shown_url: String,
     client: redis::Client,
     conn: arc_swap::ArcSwapOption<ConnectionManager>,
     script: redis::Script,
@@ -77,10 +143,12 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     pub fn new(settings: RedisSettings) -> Result<Self, String> {
+        let shown_url = redacted(&settings.url);
         let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("{:?} is not a Redis URL: {e}", settings.url))?;
+            .map_err(|e| format!("{shown_url:?} is not a Redis URL: {e}"))?;
         Ok(Redis {
             settings,
+            shown_url,
             client,
             conn: arc_swap::ArcSwapOption::empty(),
             script: redis::Script::new(GCRA),
@@ -101,7 +169,7 @@ impl Redis {
             .set_number_of_retries(2);
         match ConnectionManager::new_with_config(self.client.clone(), config).await {
             Ok(conn) => {
-                log::info!("connected to Redis at {}", self.settings.url);
+                log::info!("connected to Redis at {}", self.shown_url);
                 self.conn.store(Some(Arc::new(conn)));
             }
             Err(e) => self.incident(&format!("cannot connect: {e}")),
@@ -122,7 +190,7 @@ impl Redis {
         match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok((allowed, remaining, retry_us, reset_us))) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
-                    log::warn!("Redis at {} answers again", self.settings.url);
+                    log::warn!("Redis at {} answers again", self.shown_url);
                 }
                 let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
                 Some(Decision {
@@ -156,7 +224,7 @@ impl Redis {
         if !self.failing.swap(true, Ordering::Relaxed) {
             log::error!(
                 "Redis at {}: {what}; global rate limits {} requests until it answers",
-                self.settings.url,
+                self.shown_url,
                 match self.settings.on_error {
                     OnError::Allow => "allow",
                     OnError::Deny => "refuse",
@@ -168,7 +236,7 @@ impl Redis {
     /// For the admin listener.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
-            "url": self.settings.url,
+            "url": self.shown_url,
             "connected": self.conn.load().is_some(),
             "failing": self.failing.load(Ordering::Relaxed),
             "errors": self.errors.load(Ordering::Relaxed),
@@ -253,5 +321,57 @@ impl BackgroundService for ConnectService {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show_in_a_url() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            (
+                "redis://:s3cret@127.0.0.1:6379/2",
+                "redis://:***@127.0.0.1:6379/2",
+            ),
+            (
+                "rediss://app:s3cret@cache.internal",
+                "rediss://app:***@cache.internal",
+            ),
+            ("redis://s3cret@127.0.0.1", "redis://***@127.0.0.1"),
+            ("redis://:p@ss@host/0", "redis://:***@host/0"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            (
+                "unix:///run/redis.sock?password=s3cret&user=app",
+                "unix:///run/redis.sock?password=***&user=app",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn settings_and_errors_show_the_redacted_url() {
+        let settings = RedisSettings {
+            url: "redis://:s3cret@127.0.0.1:6379".into(),
+            timeout: Duration::from_millis(20),
+            on_error: OnError::Allow,
+        };
+        assert!(!format!("{settings:?}").contains("s3cret"));
+        let redis = Redis::new(settings).unwrap();
+        assert_eq!(redis.status()["url"], "redis://:***@127.0.0.1:6379");
+        let bad = RedisSettings {
+            url: "http://:s3cret@127.0.0.1".into(),
+            timeout: Duration::from_millis(20),
+            on_error: OnError::Allow,
+        };
+        let error = Redis::new(bad).err().unwrap();
+        assert!(!error.contains("s3cret"), "{error}");
     }
 }
