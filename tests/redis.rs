@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,14 +15,21 @@ use support::{free_port, scratch_dir, Gateway};
 struct RedisServer {
     port: u16,
     dir: PathBuf,
+    /// Extra `redis-server` arguments (`--requirepass x`).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             dir: scratch_dir("redis"),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         server.run();
@@ -34,6 +42,7 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,6 +66,27 @@ impl RedisServer {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Runs one command (after `AUTH password`, when given) and returns
+    /// its reply's first line (`+OK`, `-ERR ...`).
+    fn command(&self, password: Option<&str>, args: &[&str]) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream.set_read_timeout(Some(support::WAIT)).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut reply = String::new();
+        let auth = password.map(|p| vec!["AUTH", p]);
+        for command in auth.iter().map(Vec::as_slice).chain([args]) {
+            let mut raw = format!("*{}\r\n", command.len());
+            for arg in command {
+                raw.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+            }
+            writer.write_all(raw.as_bytes()).unwrap();
+            reply.clear();
+            reader.read_line(&mut reply).expect("redis reply");
+        }
+        reply.trim_end().to_owned()
+    }
 }
 
 impl Drop for RedisServer {
@@ -66,15 +96,32 @@ impl Drop for RedisServer {
 }
 
 fn config(redis: &RedisServer, up: &Upstream, on_error: &str) -> String {
+    config_at(&redis.url(), up, on_error)
+}
+
+fn config_at(url: &str, up: &Upstream, on_error: &str) -> String {
     format!(
-        "redis: {{ url: \"{}\", timeout: 500ms, on_error: {on_error} }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: global, path_prefix: /g, upstream: app, rate_limit: {{ rate: 1/m, burst: 5, scope: global }} }}\n",
-        redis.url(),
+        "redis: {{ url: \"{url}\", timeout: 500ms, on_error: {on_error} }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: global, path_prefix: /g, upstream: app, rate_limit: {{ rate: 1/m, burst: 5, scope: global }} }}\n",
         up.addr
     )
 }
 
 fn connected(gw: &Gateway) -> bool {
     gw.admin_get("/config").json()["redis"]["connected"] == true
+}
+
+/// `GET /config`'s `redis` section.
+fn redis_status(gw: &Gateway) -> serde_json::Value {
+    gw.admin_get("/config").json()["redis"].clone()
+}
+
+/// `tollgate_redis_errors_total` as `/metrics` shows it.
+fn metric_redis_errors(gw: &Gateway) -> u64 {
+    let text = String::from_utf8(gw.admin_get("/metrics").body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("tollgate_redis_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tollgate_redis_errors_total in:\n{text}"))
 }
 
 #[test]
@@ -159,4 +206,20 @@ fn t_checks_the_redis_section() {
         err.contains("routes[0].rate_limit.scope: global limits are kept in Redis"),
         "{err}"
     );
+}
+
+#[test]
+fn a_refusal_by_on_error_deny_says_when_to_retry() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&redis, &up, "deny"));
+    gw.wait_until("connected to Redis", || connected(&gw));
+    redis.stop();
+    let refused = gw.get("h", "/g");
+    assert_eq!(refused.assert_gateway_error(429), "rate_limited");
+    // The error body sends the client to Retry-After; without Redis's
+    // figures there are no RateLimit-* headers, but a retry time there is.
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.header("ratelimit-limit"), None);
+    assert_eq!(up.hits(), 0);
 }

@@ -134,7 +134,8 @@ impl Eq for RateLimit {}
 pub struct Verdict {
     pub decision: Decision,
     pub limit: HeaderValue,
-    /// Whether the answer carries the `RateLimit-*` headers.
+    /// Whether the answer carries the `RateLimit-*` headers (a refusal
+    /// carries `Retry-After` whether or not).
     pub headers: bool,
 }
 
