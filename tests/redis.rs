@@ -223,3 +223,43 @@ fn a_refusal_by_on_error_deny_says_when_to_retry() {
     assert_eq!(refused.header("ratelimit-limit"), None);
     assert_eq!(up.hits(), 0);
 }
+
+#[test]
+fn the_redis_password_is_never_shown() {
+    let mut redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let up = Upstream::start("a");
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(&config_at(&url, &up, "allow"));
+    gw.wait_until("connected to Redis", || connected(&gw));
+    let shown = gw.admin_get("/config");
+    let text = String::from_utf8_lossy(&shown.body).into_owned();
+    assert!(!text.contains("s3cret"), "{text}");
+    assert_eq!(
+        shown.json()["redis"]["url"],
+        format!("redis://:***@127.0.0.1:{}", redis.port)
+    );
+    // An incident and its end: every line about it names the server.
+    redis.stop();
+    gw.wait_until("the loss is seen", || {
+        assert_eq!(gw.get("h", "/g").status, 200);
+        redis_status(&gw)["failing"] == true
+    });
+    redis.run();
+    gw.wait_until("answers again", || gw.log().contains("answers again"));
+    let log = gw.log();
+    assert!(
+        log.contains(&format!("redis://:***@127.0.0.1:{}", redis.port)),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
+    // Nor in the errors of a config check.
+    let (code, out, err) = support::check_config(
+        "listen: [\"127.0.0.1:1\"]\nredis: { url: \"http://:s3cret@127.0.0.1:1\" }\nupstreams:\n  app: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, path_prefix: /, upstream: app, rate_limit: { rate: 1/s, scope: global } }\n",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("redis.url"), "{err}");
+    assert!(
+        !err.contains("s3cret") && !out.contains("s3cret"),
+        "{out}{err}"
+    );
+}
