@@ -225,6 +225,105 @@ fn a_refusal_by_on_error_deny_says_when_to_retry() {
 }
 
 #[test]
+fn redis_back_after_an_outage_is_used_again_within_seconds() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&redis, &up, "allow"));
+    gw.wait_until("connected to Redis", || connected(&gw));
+
+    redis.stop();
+    gw.wait_until("the loss is seen", || {
+        assert_eq!(gw.get("h", "/g").status, 200, "on_error: allow");
+        redis_status(&gw)["failing"] == true
+    });
+    // An outage of several seconds, under traffic: long enough for
+    // redis-rs's own reconnection backoff to have grown past a minute.
+    let outage_end = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < outage_end {
+        assert_eq!(gw.get("h", "/g").status, 200, "on_error: allow");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    redis.run();
+    // Within the harness's wait (15 s), not a minute or two.
+    gw.wait_until("connected again", || connected(&gw));
+    gw.wait_until("the limit applies again", || {
+        gw.get("h", "/g").header("ratelimit-limit") == Some("5")
+    });
+    assert_eq!(redis_status(&gw)["failing"], false);
+    assert!(gw.log().contains("answers again"), "{}", gw.log());
+}
+
+#[test]
+fn a_refused_auth_at_start_is_shown_logged_once_and_retried() {
+    let redis = RedisServer::start_with(&["--requirepass", "other"]);
+    let up = Upstream::start("a");
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(&config_at(&url, &up, "allow"));
+    // Failing from the start, with the cause in the log, once.
+    gw.wait_until("the refusal is shown", || {
+        redis_status(&gw)["failing"] == true
+    });
+    let status = redis_status(&gw);
+    assert_eq!(status["connected"], false, "{status}");
+    assert!(status["errors"].as_u64().unwrap() >= 1, "{status}");
+    assert!(metric_redis_errors(&gw) >= 1);
+    gw.wait_until("a few more attempts", || {
+        redis_status(&gw)["errors"].as_u64().unwrap() >= 3
+    });
+    let log = gw.log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot connect"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "one line per incident:\n{log}");
+    assert!(
+        refusals[0].contains("AuthenticationFailed"),
+        "the cause: {}",
+        refusals[0]
+    );
+    assert_eq!(gw.get("h", "/g").status, 200, "on_error: allow");
+
+    // The password is put right on the server: connected within seconds.
+    assert_eq!(
+        redis.command(Some("other"), &["CONFIG", "SET", "requirepass", "s3cret"]),
+        "+OK"
+    );
+    gw.wait_until("connected", || connected(&gw));
+    gw.wait_until("the limit applies", || {
+        gw.get("h", "/g").header("ratelimit-limit") == Some("5")
+    });
+    assert_eq!(redis_status(&gw)["failing"], false);
+}
+
+#[test]
+fn a_paused_redis_follows_on_error_then_limits_again() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&config(&redis, &up, "deny"));
+    gw.wait_until("connected to Redis", || connected(&gw));
+    assert_eq!(gw.get("h", "/g").header("ratelimit-remaining"), Some("4"));
+
+    assert_eq!(
+        redis.command(None, &["CLIENT", "PAUSE", "4000", "ALL"]),
+        "+OK"
+    );
+    let refused = gw.get("h", "/g");
+    assert_eq!(refused.assert_gateway_error(429), "rate_limited");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(redis_status(&gw)["failing"], true);
+    // Once the pause ends, the same bucket counts on (the refused
+    // request's script was queued by Redis and ran after the pause: a
+    // decision that timed out may still have taken its token).
+    gw.wait_until("Redis answers again", || {
+        redis_status(&gw)["failing"] == false
+    });
+    let next = gw.get("h", "/g");
+    assert_eq!(next.status, 200);
+    assert_eq!(next.header("ratelimit-remaining"), Some("2"));
+    assert!(connected(&gw));
+}
+
+#[test]
 fn the_redis_password_is_never_shown() {
     let mut redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
     let up = Upstream::start("a");
