@@ -362,3 +362,72 @@ fn the_redis_password_is_never_shown() {
         "{out}{err}"
     );
 }
+
+/// Global limits by tenant header, by consumer, and a consumer's own.
+fn keyed_config(redis: &RedisServer, up: &Upstream) -> String {
+    use tollgate::auth::api_key::digest_of;
+    format!(
+        "redis: {{ url: \"{}\", timeout: 500ms, on_error: allow }}\nauth:\n  api_keys: {{ header: X-API-Key }}\nconsumers:\n  alice: {{ api_keys: [\"{}\"], rate_limit: {{ rate: 1/m, burst: 2 }} }}\n  bob: {{ api_keys: [\"{}\"] }}\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: tenant, path_prefix: /tenant, upstream: app, rate_limit: {{ key: \"header:X-Tenant\", rate: 1/m, burst: 3, scope: global }} }}\n  - {{ name: consumer, path_prefix: /consumer, upstream: app, auth: [api_key], rate_limit: {{ key: consumer, rate: 1/m, burst: 3, scope: global }} }}\n",
+        redis.url(),
+        digest_of("alice-key"),
+        digest_of("bob-key"),
+        up.addr
+    )
+}
+
+/// Statuses of three requests through `one`, then three through `two`.
+fn three_each(one: &Gateway, two: &Gateway, path: &str, header: (&str, &str)) -> Vec<u16> {
+    [one, one, one, two, two, two]
+        .iter()
+        .map(|gw| support::request(gw.addr, "GET", "h", path, &[header], b"").status)
+        .collect()
+}
+
+#[test]
+fn header_and_consumer_keys_are_one_bucket_for_every_gateway_and_restart() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("a");
+    let body = keyed_config(&redis, &up);
+    let one = Gateway::start(&body);
+    let mut two = Gateway::start(&body);
+    for gw in [&one, &two] {
+        gw.wait_until("connected to Redis", || connected(gw));
+    }
+    // burst 3 in all, not 3 per gateway.
+    let tenant = ("X-Tenant", "acme");
+    let bob = ("X-API-Key", "bob-key");
+    let alice = ("X-API-Key", "alice-key");
+    assert_eq!(
+        three_each(&one, &two, "/tenant", tenant),
+        [200, 200, 200, 429, 429, 429]
+    );
+    assert_eq!(
+        three_each(&one, &two, "/consumer", bob),
+        [200, 200, 200, 429, 429, 429]
+    );
+    // A consumer's own limit (burst 2) is global too.
+    assert_eq!(
+        three_each(&one, &two, "/consumer", alice),
+        [200, 200, 429, 429, 429, 429]
+    );
+    // Another tenant has its own bucket.
+    assert_eq!(
+        three_each(&one, &two, "/tenant", ("X-Tenant", "other")),
+        [200, 200, 200, 429, 429, 429]
+    );
+
+    // A restarted gateway finds the buckets as they were.
+    drop(std::mem::replace(&mut two, Gateway::start(&body)));
+    two.wait_until("connected to Redis", || connected(&two));
+    for (path, header) in [
+        ("/tenant", tenant),
+        ("/consumer", bob),
+        ("/consumer", alice),
+    ] {
+        let refused = support::request(two.addr, "GET", "h", path, &[header], b"");
+        assert_eq!(refused.assert_gateway_error(429), "rate_limited", "{path}");
+    }
+    // Redis holds no raw value: the tenant is a digest.
+    let keys = redis.command(None, &["KEYS", "*acme*"]);
+    assert_eq!(keys, "*0", "a Redis key names the tenant");
+}

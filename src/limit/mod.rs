@@ -8,6 +8,11 @@
 //! consumers with their own `rate_limit`. Limiters are drawn from a pool
 //! by name and settings, so a reload keeps the buckets of an unchanged
 //! limit.
+//!
+//! A request's key ([`LimitKey`]) is named by the limiter that counts it:
+//! a local one hashes it under this process's random seed (nobody can
+//! make two values share a bucket), a global one digests it with SHA-256,
+//! which every gateway computes alike, before and after a restart.
 
 pub mod gcra;
 pub mod inflight;
@@ -19,6 +24,7 @@ use http::{HeaderName, HeaderValue};
 use once_cell::sync::Lazy;
 use pingora::http::RequestHeader;
 use redis::GlobalLimiter;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -38,24 +44,75 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// The request's key of this kind.
-    pub fn key(
+    pub fn key<'a>(
         &self,
-        req: &RequestHeader,
+        req: &'a RequestHeader,
         ip: Option<IpAddr>,
-        identity: Option<&Identity>,
-    ) -> u128 {
+        identity: Option<&'a Identity>,
+    ) -> LimitKey<'a> {
         match self {
             KeyKind::ClientIp => ip_key(ip),
-            KeyKind::Route => 0,
+            KeyKind::Route => LimitKey::Route,
             KeyKind::Consumer => match identity {
-                Some(who) => hashed(who.name().as_bytes()),
+                Some(who) => LimitKey::Consumer(who.name()),
                 None => ip_key(ip),
             },
             KeyKind::Header(name) => match req.headers.get(name) {
-                Some(value) => hashed(value.as_bytes()),
+                Some(value) => LimitKey::Header(value.as_bytes()),
                 None => ip_key(ip),
             },
         }
+    }
+}
+
+/// What a request is counted by, before a limiter names its bucket
+/// ([`LimitKey::local`] or [`LimitKey::global`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKey<'a> {
+    /// The whole route: one bucket.
+    Route,
+    /// A client address, as [`ip_key`] makes it.
+    Ip(u128),
+    /// A consumer's name.
+    Consumer(&'a str),
+    /// A request header's value.
+    Header(&'a [u8]),
+}
+
+impl LimitKey<'_> {
+    /// The bucket's name in this process: fast, and seeded per process.
+    pub fn local(&self) -> u128 {
+        match *self {
+            LimitKey::Route => 0,
+            LimitKey::Ip(ip) => ip,
+            LimitKey::Consumer(name) => hashed(name.as_bytes()),
+            LimitKey::Header(value) => hashed(value),
+        }
+    }
+
+    /// The bucket's name shared by every gateway: the first 128 bits of
+    /// SHA-256 over a tag and the value, so it is the same in every
+    /// process and release, says nothing of the value (a Redis key shows
+    /// no address, tenant or consumer), and cannot be steered onto
+    /// another's bucket.
+    pub fn global(&self) -> u128 {
+        let ip;
+        let (tag, bytes): (u8, &[u8]) = match *self {
+            LimitKey::Route => (b'r', b""),
+            LimitKey::Ip(v) => {
+                ip = v.to_be_bytes();
+                (b'i', &ip)
+            }
+            LimitKey::Consumer(name) => (b'c', name.as_bytes()),
+            LimitKey::Header(value) => (b'h', value),
+        };
+        let digest = Sha256::new()
+            .chain_update([tag])
+            .chain_update(bytes)
+            .finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        u128::from_be_bytes(first)
     }
 }
 
@@ -77,12 +134,12 @@ impl Limiter {
 
     /// The decision, and whether its figures are known (a global limit
     /// that Redis could not decide is `on_error`'s call, without them).
-    async fn check(&self, key: u128) -> (Decision, bool) {
+    async fn check(&self, key: LimitKey<'_>) -> (Decision, bool) {
         match self {
-            Limiter::Local(l) => (l.check(key), true),
+            Limiter::Local(l) => (l.check(key.local()), true),
             // Boxed: a Redis call's future is large, and only global limits
             // should carry it.
-            Limiter::Global(g) => Box::pin(g.check(key)).await,
+            Limiter::Global(g) => Box::pin(g.check(key.global())).await,
         }
     }
 
@@ -151,12 +208,12 @@ fn hashed(bytes: &[u8]) -> u128 {
 
 /// An address as a key: the IPv6 form, IPv4 mapped (the same client on
 /// either kind of socket is one key).
-fn ip_key(ip: Option<IpAddr>) -> u128 {
-    match ip {
+fn ip_key(ip: Option<IpAddr>) -> LimitKey<'static> {
+    LimitKey::Ip(match ip {
         Some(IpAddr::V4(v4)) => u128::from(v4.to_ipv6_mapped()),
         Some(IpAddr::V6(v6)) => u128::from(v6),
         None => 0,
-    }
+    })
 }
 
 impl RateLimit {
@@ -169,7 +226,7 @@ impl RateLimit {
     ) -> Verdict {
         let (limiter, key, limit) = match identity {
             Some(Identity::Consumer(c)) => match self.overrides.get(&c.name) {
-                Some((limiter, limit)) => (limiter, hashed(c.name.as_bytes()), limit),
+                Some((limiter, limit)) => (limiter, LimitKey::Consumer(&c.name), limit),
                 None => (
                     &self.limiter,
                     self.kind.key(req, ip, identity),
@@ -222,5 +279,22 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(ip_key(Some(v4)), ip_key(Some(mapped)));
         assert_ne!(hashed(b"alice"), hashed(b"bob"));
+    }
+
+    #[test]
+    fn global_keys_are_the_same_in_every_process() {
+        // Fixed values: another process, release or machine computes
+        // these too (the first 128 bits of SHA-256 of tag and value).
+        assert_eq!(
+            format!("{:032x}", LimitKey::Header(b"tenant-a").global()),
+            "35a0df649ba6ee98e18a2a188ff9b6f2"
+        );
+        let alice = LimitKey::Consumer("alice");
+        assert_eq!(alice.global(), LimitKey::Consumer("alice").global());
+        // Kinds never share a bucket, whatever the bytes.
+        assert_ne!(alice.global(), LimitKey::Header(b"alice").global());
+        let ip = ip_key(Some("192.0.2.1".parse().unwrap()));
+        assert_ne!(ip.global(), ip.local());
+        assert_ne!(LimitKey::Route.global(), LimitKey::Ip(0).global());
     }
 }

@@ -364,7 +364,8 @@ fn ceil_seconds(d: Duration) -> u64 {
 /// A route's (or a consumer's) global limit.
 pub struct GlobalLimiter {
     redis: Arc<Redis>,
-    /// `tollgate:rl:<route>:`; the key's hex follows.
+    /// `tollgate:rl:<route>:`; the key's digest, in hex, follows
+    /// ([`super::LimitKey::global`]).
     prefix: String,
     interval_us: u64,
     burst: u32,
