@@ -291,3 +291,44 @@ fn max_inflight_per_client_counts_each_client() {
         get(&gw, "/tenant", &[("X-Tenant", "a")]).status == 200
     });
 }
+
+#[test]
+fn a_key_flood_never_refills_an_active_bucket() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: tenants, path_prefix: /t, upstream: app, rate_limit: {{ key: \"header:X-Tenant\", rate: 1/m, burst: 3, max_keys: 1000 }} }}\n",
+        up.addr
+    ));
+    let victim = [("X-Tenant", "victim")];
+    assert_eq!(statuses(&gw, 4, "/t", &victim), [200, 200, 200, 429]);
+
+    // 1,500 tenants never seen before, as fast as one connection goes.
+    let mut conn = support::Connection::open(gw.addr);
+    let mut allowed = 0;
+    for i in 0..1500 {
+        let tenant = format!("flood-{i}");
+        conn.send("GET", "h", "/t", &[("X-Tenant", tenant.as_str())], b"");
+        allowed += usize::from(conn.read_response().status == 200);
+    }
+    // A tenant of the flood with a bucket of its own keeps it.
+    let flood_0 = [("X-Tenant", "flood-0")];
+    assert_eq!(statuses(&gw, 3, "/t", &flood_0), [200, 200, 429]);
+    // Sweeps run every second: across several, the drained buckets stay
+    // as drained as they were.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        get(&gw, "/t", &victim).assert_gateway_error(429);
+        get(&gw, "/t", &flood_0).assert_gateway_error(429);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // 999 of the flood got a bucket of their own (the victim holds the
+    // 1000th); the rest shared one, burst 3.
+    assert!(
+        (999..=1010).contains(&allowed),
+        "{allowed} of the flood allowed"
+    );
+    gw.wait_until("the full table is reported", || {
+        gw.log()
+            .contains("max_keys (1000) keys have requests in their buckets")
+    });
+}

@@ -209,7 +209,7 @@ fn draw(
     pools
         .rate_limiters
         .draw(&mut draws.rate_limiters, name, settings, || {
-            LocalLimiter::new(settings)
+            LocalLimiter::new(name, settings)
         })
         .map_err(|e| errors.add(at, e))
         .ok()
