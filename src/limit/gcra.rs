@@ -44,6 +44,8 @@ pub struct LimiterSettings {
     pub max_keys: usize,
     /// The kind of key, so a limiter re-keyed by a reload starts fresh.
     pub key: String,
+    /// How much of an IPv6 client address is one key (`ipv6_prefix`).
+    pub ipv6_prefix: u8,
 }
 
 type Buckets<C> = RateLimiter<u128, BoundedStore, C, StateInformationMiddleware>;
@@ -321,6 +323,7 @@ mod tests {
             burst,
             max_keys: 1000,
             key: "client_ip".into(),
+            ipv6_prefix: 64,
         };
         (
             LocalLimiter::with_clock("test", &settings, clock.clone()).unwrap(),

@@ -43,25 +43,53 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    /// The request's key of this kind.
+    /// The request's key of this kind; an IPv6 client counts by its first
+    /// `ipv6_prefix` bits.
+    pub fn key<'a>(
+        &self,
+        req: &'a RequestHeader,
+        ip: Option<IpAddr>,
+        identity: Option<&'a Identity>,
+        ipv6_prefix: u8,
+    ) -> LimitKey<'a> {
+        match self {
+            KeyKind::ClientIp => ip_key(ip, ipv6_prefix),
+            KeyKind::Route => LimitKey::Route,
+            KeyKind::Consumer => match identity {
+                Some(who) => LimitKey::Consumer(who.name()),
+                None => ip_key(ip, ipv6_prefix),
+            },
+            KeyKind::Header(name) => match req.headers.get(name) {
+                Some(value) => LimitKey::Header(value.as_bytes()),
+                None => ip_key(ip, ipv6_prefix),
+            },
+        }
+    }
+}
+
+/// `ipv6_prefix` when a limit does not say: one site, or one host that
+/// was handed a whole /64 (as most are), is one client; counting by /128
+/// would give such a client 2^64 buckets.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// How a limit makes a request's key: what it counts by, and how much of
+/// an IPv6 address is one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRule {
+    pub kind: KeyKind,
+    /// Leading bits of an IPv6 client address that make its key (0-128).
+    pub ipv6_prefix: u8,
+}
+
+impl KeyRule {
+    /// The request's key under this rule.
     pub fn key<'a>(
         &self,
         req: &'a RequestHeader,
         ip: Option<IpAddr>,
         identity: Option<&'a Identity>,
     ) -> LimitKey<'a> {
-        match self {
-            KeyKind::ClientIp => ip_key(ip),
-            KeyKind::Route => LimitKey::Route,
-            KeyKind::Consumer => match identity {
-                Some(who) => LimitKey::Consumer(who.name()),
-                None => ip_key(ip),
-            },
-            KeyKind::Header(name) => match req.headers.get(name) {
-                Some(value) => LimitKey::Header(value.as_bytes()),
-                None => ip_key(ip),
-            },
-        }
+        self.kind.key(req, ip, identity, self.ipv6_prefix)
     }
 }
 
@@ -71,7 +99,8 @@ impl KeyKind {
 pub enum LimitKey<'a> {
     /// The whole route: one bucket.
     Route,
-    /// A client address, as [`ip_key`] makes it.
+    /// A client address, as [`ip_key`] makes it (an IPv6 one cut to its
+    /// prefix).
     Ip(u128),
     /// A consumer's name.
     Consumer(&'a str),
@@ -155,6 +184,8 @@ impl Limiter {
 /// A route's compiled rate limit.
 pub struct RateLimit {
     pub kind: KeyKind,
+    /// `ipv6_prefix`: how much of an IPv6 client address is one key.
+    pub ipv6_prefix: u8,
     pub limiter: Limiter,
     /// `RateLimit-Limit` of `limiter`, rendered once.
     pub limit_header: HeaderValue,
@@ -170,6 +201,7 @@ impl std::fmt::Debug for RateLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
             .field("kind", &self.kind)
+            .field("ipv6_prefix", &self.ipv6_prefix)
             .field("burst", &self.limiter.burst())
             .field("global", &matches!(self.limiter, Limiter::Global(_)))
             .field("overrides", &self.overrides.len())
@@ -180,7 +212,9 @@ impl std::fmt::Debug for RateLimit {
 impl PartialEq for RateLimit {
     /// The same compiled limiters: state is shared, never compared.
     fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind && self.limiter.same(&other.limiter)
+        self.kind == other.kind
+            && self.ipv6_prefix == other.ipv6_prefix
+            && self.limiter.same(&other.limiter)
     }
 }
 
@@ -207,13 +241,22 @@ fn hashed(bytes: &[u8]) -> u128 {
 }
 
 /// An address as a key: the IPv6 form, IPv4 mapped (the same client on
-/// either kind of socket is one key).
-fn ip_key(ip: Option<IpAddr>) -> LimitKey<'static> {
+/// either kind of socket is one key), an IPv6 address cut to its first
+/// `ipv6_prefix` bits (an IPv4 one is always whole).
+fn ip_key(ip: Option<IpAddr>, ipv6_prefix: u8) -> LimitKey<'static> {
     LimitKey::Ip(match ip {
         Some(IpAddr::V4(v4)) => u128::from(v4.to_ipv6_mapped()),
-        Some(IpAddr::V6(v6)) => u128::from(v6),
+        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => u128::from(v6),
+        Some(IpAddr::V6(v6)) => u128::from(v6) & prefix_mask(ipv6_prefix),
         None => 0,
     })
+}
+
+/// The first `bits` bits set (all of them from 128 up).
+fn prefix_mask(bits: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128u32.saturating_sub(u32::from(bits)))
+        .unwrap_or(0)
 }
 
 impl RateLimit {
@@ -229,13 +272,13 @@ impl RateLimit {
                 Some((limiter, limit)) => (limiter, LimitKey::Consumer(&c.name), limit),
                 None => (
                     &self.limiter,
-                    self.kind.key(req, ip, identity),
+                    self.kind.key(req, ip, identity, self.ipv6_prefix),
                     &self.limit_header,
                 ),
             },
             _ => (
                 &self.limiter,
-                self.kind.key(req, ip, identity),
+                self.kind.key(req, ip, identity, self.ipv6_prefix),
                 &self.limit_header,
             ),
         };
@@ -277,8 +320,55 @@ mod tests {
     fn keys_are_per_address_family_agnostic() {
         let v4: IpAddr = "192.0.2.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert_eq!(ip_key(Some(v4)), ip_key(Some(mapped)));
+        assert_eq!(ip_key(Some(v4), 64), ip_key(Some(mapped), 64));
+        assert_eq!(ip_key(Some(v4), 0), ip_key(Some(v4), 128), "IPv4 is whole");
         assert_ne!(hashed(b"alice"), hashed(b"bob"));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_prefix() {
+        let key = |ip: &str, prefix| ip_key(Some(ip.parse().unwrap()), prefix);
+        // One /64: one key, wherever in it the address is.
+        assert_eq!(
+            key("2001:db8:0:1::1", 64),
+            key("2001:db8:0:1:ffff:ffff:ffff:ffff", 64)
+        );
+        assert_ne!(key("2001:db8:0:1::1", 64), key("2001:db8:0:2::1", 64));
+        assert_eq!(key("2001:db8:0:1::1", 48), key("2001:db8:0:2::1", 48));
+        assert_ne!(key("2001:db8:0:1::1", 128), key("2001:db8:0:1::2", 128));
+        assert_eq!(key("2001:db8::1", 0), key("2001:db9::1", 0));
+        assert_eq!(
+            key("2001:db8::1", 128),
+            LimitKey::Ip(u128::from(
+                "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_key_rule_keys_the_client_address_and_its_fallbacks_alike() {
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let a: IpAddr = "2001:db8:0:1::a".parse().unwrap();
+        let b: IpAddr = "2001:db8:0:1::b".parse().unwrap();
+        for kind in [
+            KeyKind::ClientIp,
+            KeyKind::Consumer,
+            KeyKind::Header(HeaderName::from_static("x-tenant")),
+        ] {
+            let rule = KeyRule {
+                kind,
+                ipv6_prefix: 64,
+            };
+            assert_eq!(rule.key(&req, Some(a), None), rule.key(&req, Some(b), None));
+            let whole = KeyRule {
+                ipv6_prefix: 128,
+                ..rule
+            };
+            assert_ne!(
+                whole.key(&req, Some(a), None),
+                whole.key(&req, Some(b), None)
+            );
+        }
     }
 
     #[test]
@@ -293,7 +383,7 @@ mod tests {
         assert_eq!(alice.global(), LimitKey::Consumer("alice").global());
         // Kinds never share a bucket, whatever the bytes.
         assert_ne!(alice.global(), LimitKey::Header(b"alice").global());
-        let ip = ip_key(Some("192.0.2.1".parse().unwrap()));
+        let ip = ip_key(Some("192.0.2.1".parse().unwrap()), 64);
         assert_ne!(ip.global(), ip.local());
         assert_ne!(LimitKey::Route.global(), LimitKey::Ip(0).global());
     }
