@@ -30,8 +30,9 @@ fn main() {
         burst: 20,
         max_keys: usize::MAX,
         key: "client_ip".into(),
+        ipv6_prefix: tollgate::limit::DEFAULT_IPV6_PREFIX,
     };
-    let limiter = LocalLimiter::new(&settings).expect("limiter");
+    let limiter = LocalLimiter::new("memory", &settings).expect("limiter");
     let before = rss_kib();
     // IPv4 clients in their mapped IPv6 form, as the gateway keys them.
     for i in 0..keys {

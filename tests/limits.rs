@@ -291,3 +291,113 @@ fn max_inflight_per_client_counts_each_client() {
         get(&gw, "/tenant", &[("X-Tenant", "a")]).status == 200
     });
 }
+
+#[test]
+fn a_key_flood_never_refills_an_active_bucket() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: tenants, path_prefix: /t, upstream: app, rate_limit: {{ key: \"header:X-Tenant\", rate: 1/m, burst: 3, max_keys: 1000 }} }}\n",
+        up.addr
+    ));
+    let victim = [("X-Tenant", "victim")];
+    assert_eq!(statuses(&gw, 4, "/t", &victim), [200, 200, 200, 429]);
+
+    // 1,500 tenants never seen before, as fast as one connection goes.
+    let mut conn = support::Connection::open(gw.addr);
+    let mut allowed = 0;
+    for i in 0..1500 {
+        let tenant = format!("flood-{i}");
+        conn.send("GET", "h", "/t", &[("X-Tenant", tenant.as_str())], b"");
+        allowed += usize::from(conn.read_response().status == 200);
+    }
+    // A tenant of the flood with a bucket of its own keeps it.
+    let flood_0 = [("X-Tenant", "flood-0")];
+    assert_eq!(statuses(&gw, 3, "/t", &flood_0), [200, 200, 429]);
+    // Sweeps run every second: across several, the drained buckets stay
+    // as drained as they were.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        get(&gw, "/t", &victim).assert_gateway_error(429);
+        get(&gw, "/t", &flood_0).assert_gateway_error(429);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // 999 of the flood got a bucket of their own (the victim holds the
+    // 1000th); the rest shared one, burst 3.
+    assert!(
+        (999..=1010).contains(&allowed),
+        "{allowed} of the flood allowed"
+    );
+    gw.wait_until("the full table is reported", || {
+        gw.log()
+            .contains("max_keys (1000) keys have requests in their buckets")
+    });
+}
+
+/// Addresses of one /64: a host handed a whole /64 has them all.
+const IN_ONE_64: [&str; 3] = ["2001:db8:0:1::1", "2001:db8:0:1::2", "2001:db8:0:1:ffff::9"];
+
+#[test]
+fn ipv6_clients_count_by_their_64_by_default() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&format!(
+        "trusted_proxies: [127.0.0.0/8]\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: by-ip, path_prefix: /ip, upstream: app, rate_limit: {{ rate: 1/m, burst: 2 }} }}\n",
+        up.addr
+    ));
+    let from = |ip: &str| get(&gw, "/ip", &[("X-Forwarded-For", ip)]).status;
+    assert_eq!(IN_ONE_64.map(from), [200, 200, 429]);
+    assert_eq!(from("2001:db8:0:2::1"), 200, "another /64");
+    // IPv4 clients are whole addresses.
+    assert_eq!(
+        ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(from),
+        [200, 200, 200]
+    );
+}
+
+#[test]
+fn ipv6_prefix_sets_how_much_of_an_address_is_one_client() {
+    let up = Upstream::start("a");
+    let gw = Gateway::start(&format!(
+        "trusted_proxies: [127.0.0.0/8]\nupstreams:\n  app: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: by-48, path_prefix: /48, upstream: app, rate_limit: {{ rate: 1/m, burst: 2, ipv6_prefix: 48 }} }}\n  - {{ name: by-128, path_prefix: /128, upstream: app, rate_limit: {{ rate: 1/m, burst: 2, ipv6_prefix: 128 }} }}\n",
+        up.addr
+    ));
+    let from = |path: &str, ip: &str| get(&gw, path, &[("X-Forwarded-For", ip)]).status;
+    // /48: a whole site; /128: every address.
+    let got: Vec<u16> = ["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"]
+        .iter()
+        .map(|ip| from("/48", ip))
+        .collect();
+    assert_eq!(got, [200, 200, 429]);
+    let got: Vec<u16> = IN_ONE_64.iter().map(|ip| from("/128", ip)).collect();
+    assert_eq!(got, [200, 200, 200]);
+
+    // The key is checked.
+    let (code, _, err) = support::check_config(
+        "listen: [\"127.0.0.1:1\"]\nupstreams:\n  app: { targets: [\"127.0.0.1:2\"] }\nroutes:\n  - { name: a, path_prefix: /, upstream: app, rate_limit: { rate: 1/s, ipv6_prefix: 129 } }\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("routes[0].rate_limit.ipv6_prefix: 129 is not a prefix length"),
+        "{err}"
+    );
+}
+
+#[test]
+fn max_inflight_per_client_counts_an_ipv6_client_by_its_prefix() {
+    let held = Held::start();
+    let gw = Gateway::start(&format!(
+        "trusted_proxies: [127.0.0.0/8]\nupstreams:\n  slow: {{ targets: [\"{}\"] }}\nroutes:\n  - {{ name: r, path_prefix: /r, upstream: slow, max_inflight_per_client: 1 }}\n",
+        held.server.addr
+    ));
+    let a = hold(&gw, &held, "/r", ("X-Forwarded-For", IN_ONE_64[0]), 1);
+    // Another address of the same /64: the same client, already at 1.
+    let same_64 = [("X-Forwarded-For", IN_ONE_64[1])];
+    assert_eq!(
+        get(&gw, "/r", &same_64).assert_gateway_error(503),
+        "overloaded"
+    );
+    let b = hold(&gw, &held, "/r", ("X-Forwarded-For", "2001:db8:0:2::1"), 1);
+    held.let_go();
+    for t in a.into_iter().chain(b) {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+}

@@ -425,6 +425,9 @@ pub struct RateLimitSpec {
     pub scope: Option<String>,
     /// Keys held before idle ones are dropped; default 1,000,000.
     pub max_keys: Option<usize>,
+    /// Leading bits of an IPv6 client address that make one key (0-128);
+    /// default 64.
+    pub ipv6_prefix: Option<u32>,
     /// Whether every answer carries the `RateLimit-*` headers; default true.
     pub headers: Option<bool>,
 }

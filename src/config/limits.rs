@@ -7,7 +7,7 @@ use super::values::parse_rate;
 use crate::limit::gcra::{LimiterSettings, LocalLimiter};
 use crate::limit::inflight::{Ceiling, PerClient};
 use crate::limit::redis::{GlobalLimiter, OnError, Redis, RedisSettings};
-use crate::limit::{number, KeyKind, Limiter, RateLimit};
+use crate::limit::{number, KeyKind, KeyRule, Limiter, RateLimit, DEFAULT_IPV6_PREFIX};
 use crate::router::PerClientLimit;
 use crate::snapshot::{Draws, Pools};
 use http::HeaderName;
@@ -119,6 +119,10 @@ pub(super) fn compile_rate_limit(
     if max_keys == 0 {
         errors.add(format!("{at}.max_keys"), "must be at least 1");
     }
+    let ipv6_prefix = ipv6_prefix(spec).unwrap_or_else(|e| {
+        errors.add(format!("{at}.ipv6_prefix"), e);
+        DEFAULT_IPV6_PREFIX
+    });
     let global = match spec.scope.as_deref().unwrap_or("local") {
         "local" => false,
         "global" => {
@@ -150,6 +154,7 @@ pub(super) fn compile_rate_limit(
         burst,
         max_keys,
         key: key_text.to_owned(),
+        ipv6_prefix,
     };
     // A global bucket is named by its definition too: a changed limit
     // starts fresh there as a local one does.
@@ -181,6 +186,7 @@ pub(super) fn compile_rate_limit(
                 burst: rate.burst,
                 max_keys,
                 key: "consumer".to_owned(),
+                ipv6_prefix,
             };
             // Consumer names are plain (letters, digits, -_.), so "#"
             // keeps route and consumer apart.
@@ -191,6 +197,7 @@ pub(super) fn compile_rate_limit(
     }
     Some(Arc::new(RateLimit {
         kind,
+        ipv6_prefix,
         limiter,
         limit_header: number(u64::from(burst)),
         headers: spec.headers.unwrap_or(true),
@@ -209,7 +216,7 @@ fn draw(
     pools
         .rate_limiters
         .draw(&mut draws.rate_limiters, name, settings, || {
-            LocalLimiter::new(settings)
+            LocalLimiter::new(name, settings)
         })
         .map_err(|e| errors.add(at, e))
         .ok()
@@ -247,10 +254,10 @@ pub(super) fn compile_route_inflight(
                 Ok(Inflight::new())
             })
             .ok()?;
-        // Keyed like the rate limit, when the route has one.
-        let kind = route
-            .rate_limit
-            .as_ref()
+        // Keyed like the rate limit, when the route has one (whose errors
+        // are its own to report).
+        let rate_limit = route.rate_limit.as_ref();
+        let kind = rate_limit
             .and_then(|r| r.key.as_deref())
             .and_then(|k| match k {
                 "consumer" => Some(KeyKind::Consumer),
@@ -260,12 +267,26 @@ pub(super) fn compile_route_inflight(
                     .map(KeyKind::Header),
             })
             .unwrap_or(KeyKind::ClientIp);
+        let ipv6_prefix = rate_limit
+            .and_then(|r| ipv6_prefix(r).ok())
+            .unwrap_or(DEFAULT_IPV6_PREFIX);
         Some(Arc::new(PerClientLimit {
-            kind,
+            kind: KeyRule { kind, ipv6_prefix },
             limit: PerClient::new(max, counts),
         }))
     });
     (ceiling, per_client)
+}
+
+/// A rate limit's `ipv6_prefix`, checked.
+fn ipv6_prefix(spec: &RateLimitSpec) -> Result<u8, String> {
+    match spec.ipv6_prefix {
+        None => Ok(DEFAULT_IPV6_PREFIX),
+        Some(bits) => u8::try_from(bits)
+            .ok()
+            .filter(|b| *b <= 128)
+            .ok_or_else(|| format!("{bits} is not a prefix length: use 0 to 128")),
+    }
 }
 
 /// An exact ceiling over the counter pooled as `state`.

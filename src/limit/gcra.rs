@@ -4,24 +4,32 @@
 //!
 //! A fresh key may send `burst` requests at once, then one per
 //! `1 / rate`; over T seconds a client sending far above the rate gets
-//! `burst + rate x T`. Keys are 128-bit values ([`super::LimitKey`]), so a
-//! key costs the same memory whatever it was made from.
+//! `burst + rate x T`. Keys are 128-bit values ([`super::LimitKey::local`]),
+//! so a key costs the same memory whatever it was made from.
 //!
-//! Memory is bounded by `max_keys`: the sweeper ([`SweepService`]) drops
-//! every key whose bucket has refilled (indistinguishable from a fresh
-//! one) each second, and a limiter still over `max_keys` after that is
-//! emptied, with a warning: every key starts again with a full bucket.
+//! Memory is bounded by `max_keys` ([`BoundedStore`]): the sweeper
+//! ([`SweepService`]) drops every key whose bucket has refilled
+//! (indistinguishable from a fresh one) each second. A bucket with
+//! requests in it is never dropped, so never refilled early, whatever the
+//! traffic: while the table holds `max_keys` such buckets, requests of
+//! keys not in it share one overflow bucket (with the limit's rate and
+//! burst), and a warning is logged. A flood of new keys then limits
+//! itself (and, until sweeps make room, other new keys), never the
+//! clients already counted.
 
 use crate::state::StatePool;
 use async_trait::async_trait;
+use dashmap::DashMap;
 use governor::clock::{Clock, MonotonicClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,24 +44,127 @@ pub struct LimiterSettings {
     pub max_keys: usize,
     /// The kind of key, so a limiter re-keyed by a reload starts fresh.
     pub key: String,
+    /// How much of an IPv6 client address is one key (`ipv6_prefix`).
+    pub ipv6_prefix: u8,
 }
 
-type Store = DashMapStateStore<u128, ahash::RandomState>;
-type Buckets<C> = RateLimiter<u128, Store, C, StateInformationMiddleware>;
+type Buckets<C> = RateLimiter<u128, BoundedStore, C, StateInformationMiddleware>;
 
 /// One limit's buckets.
 pub struct LocalLimiter<C: Clock + Clone = MonotonicClock> {
-    /// Swapped for an empty one when over `max_keys` (governor's store
-    /// cannot evict active keys one by one).
-    limiter: arc_swap::ArcSwap<Buckets<C>>,
-    quota: Quota,
-    clock: C,
-    max_keys: usize,
+    limiter: Buckets<C>,
+    /// The same table as `limiter`'s, for the sweeper's figures.
+    table: Arc<Table>,
+    /// The route (and consumer) the limit is of, for the log.
+    name: String,
     burst: u32,
     /// The time one request's token takes to come back.
     interval: Duration,
-    /// Set while over `max_keys`, so the warning is logged once.
-    overflowed: AtomicBool,
+    /// Set while the table is full, so the warning is logged once.
+    full: AtomicBool,
+}
+
+/// The buckets of one limit for governor: one GCRA state (nanoseconds of
+/// its "theoretical arrival time" since the limiter started; 0: none) per
+/// key, at most `max_keys` keys, and the overflow bucket that keys beyond
+/// them share.
+pub struct BoundedStore(Arc<Table>);
+
+/// What a [`BoundedStore`] and its limiter's sweeper share.
+struct Table {
+    buckets: DashMap<u128, AtomicU64, ahash::RandomState>,
+    max_keys: usize,
+    /// Keys in `buckets`, kept alongside: `DashMap::len` locks every
+    /// shard, too slow for each new key.
+    keys: AtomicUsize,
+    overflow: AtomicU64,
+    /// Requests counted against `overflow` since the last sweep.
+    overflowed: AtomicU64,
+}
+
+impl BoundedStore {
+    fn new(max_keys: usize) -> (Self, Arc<Table>) {
+        let table = Arc::new(Table {
+            buckets: DashMap::with_hasher(ahash::RandomState::new()),
+            max_keys,
+            keys: AtomicUsize::new(0),
+            overflow: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
+        });
+        (BoundedStore(Arc::clone(&table)), table)
+    }
+}
+
+impl StateStore for BoundedStore {
+    type Key = u128;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u128, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let table = &self.0;
+        if let Some(state) = table.buckets.get(key) {
+            return measure_and_replace(&state, f);
+        }
+        // Full: the key is not given a bucket of its own (which could only
+        // be made by dropping one with requests in it).
+        if table.keys.load(Ordering::Relaxed) >= table.max_keys {
+            table.overflowed.fetch_add(1, Ordering::Relaxed);
+            return measure_and_replace(&table.overflow, f);
+        }
+        let state = table
+            .buckets
+            .entry(*key)
+            .or_insert_with(|| {
+                table.keys.fetch_add(1, Ordering::Relaxed);
+                AtomicU64::new(0)
+            })
+            .downgrade();
+        measure_and_replace(&state, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<u128> for BoundedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let table = &self.0;
+        let mut dropped = 0;
+        table.buckets.retain(|_, state| {
+            let keep = state.load(Ordering::Relaxed) > drop_below.as_u64();
+            dropped += usize::from(!keep);
+            keep
+        });
+        table.keys.fetch_sub(dropped, Ordering::Relaxed);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.0.buckets.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.buckets.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.buckets.is_empty()
+    }
+}
+
+/// governor's update of one state: a compare-and-swap loop, so a decision
+/// is exact across threads.
+fn measure_and_replace<T, F, E>(state: &AtomicU64, f: F) -> Result<T, E>
+where
+    F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+{
+    let decide = |prev: u64| f((prev != 0).then(|| Nanos::new(prev)));
+    let mut prev = state.load(Ordering::Acquire);
+    loop {
+        let (result, next) = decide(prev)?;
+        match state.compare_exchange_weak(prev, next.as_u64(), Ordering::Release, Ordering::Relaxed)
+        {
+            Ok(_) => return Ok(result),
+            Err(now) => prev = now,
+        }
+    }
 }
 
 /// A decision and what the `RateLimit-*` headers say.
@@ -69,32 +180,33 @@ pub struct Decision {
 }
 
 impl LocalLimiter<MonotonicClock> {
-    pub fn new(settings: &LimiterSettings) -> Result<Self, String> {
-        LocalLimiter::with_clock(settings, MonotonicClock)
+    /// `name`: the route's (`route#consumer` for a consumer's own limit).
+    pub fn new(name: &str, settings: &LimiterSettings) -> Result<Self, String> {
+        LocalLimiter::with_clock(name, settings, MonotonicClock)
     }
 }
 
 impl<C: Clock + Clone> LocalLimiter<C> {
-    pub fn with_clock(settings: &LimiterSettings, clock: C) -> Result<Self, String> {
+    pub fn with_clock(name: &str, settings: &LimiterSettings, clock: C) -> Result<Self, String> {
         let interval = settings.per / settings.requests.max(1);
         let burst = NonZeroU32::new(settings.burst).ok_or("burst must be at least 1")?;
         let quota = Quota::with_period(interval)
             .ok_or("the rate is too high: more than one request per nanosecond")?
             .allow_burst(burst);
+        let (store, table) = BoundedStore::new(settings.max_keys);
         Ok(LocalLimiter {
-            limiter: arc_swap::ArcSwap::from_pointee(buckets(quota, &clock)),
-            quota,
-            clock,
-            max_keys: settings.max_keys,
+            limiter: RateLimiter::new(quota, store, clock),
+            table,
+            name: name.to_owned(),
             burst: settings.burst,
             interval,
-            overflowed: AtomicBool::new(false),
+            full: AtomicBool::new(false),
         })
     }
 
     /// Takes one token from `key`'s bucket, if it has one.
     pub fn check(&self, key: u128) -> Decision {
-        match self.limiter.load().check_key(&key) {
+        match self.limiter.check_key(&key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 Decision {
@@ -105,7 +217,7 @@ impl<C: Clock + Clone> LocalLimiter<C> {
                 }
             }
             Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
                 Decision {
                     allowed: false,
                     remaining: 0,
@@ -126,38 +238,41 @@ impl<C: Clock + Clone> LocalLimiter<C> {
     }
 
     pub fn len(&self) -> usize {
-        self.limiter.load().len()
+        self.limiter.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Drops the keys whose buckets are full again; empties the limiter
-    /// if it still holds more than `max_keys`.
+    /// Drops the keys whose buckets are full again; says when the table
+    /// fills up (new keys share the overflow bucket) and when it has room
+    /// again.
     pub fn sweep(&self) {
-        let limiter = self.limiter.load_full();
-        limiter.retain_recent();
-        if limiter.len() > self.max_keys {
-            if !self.overflowed.swap(true, Ordering::Relaxed) {
+        self.limiter.retain_recent();
+        let shared = self.table.overflowed.swap(0, Ordering::Relaxed);
+        let keys = self.table.keys.load(Ordering::Relaxed);
+        if shared > 0 {
+            if !self.full.swap(true, Ordering::Relaxed) {
                 log::warn!(
-                    "a rate limit holds more than its max_keys ({}) active keys; \
-                     its buckets start over (raise max_keys if this is legitimate traffic)",
-                    self.max_keys
+                    "rate limit of {}: max_keys ({}) keys have requests in their buckets; \
+                     requests of other keys share one bucket until some refill \
+                     ({shared} so far; raise max_keys if this is legitimate traffic)",
+                    self.name,
+                    self.table.max_keys
                 );
             }
-            self.limiter
-                .store(Arc::new(buckets(self.quota, &self.clock)));
-        } else {
-            self.overflowed.store(false, Ordering::Relaxed);
-            limiter.shrink_to_fit();
+        } else if keys < self.table.max_keys {
+            if self.full.swap(false, Ordering::Relaxed) {
+                log::info!(
+                    "rate limit of {}: room for new keys again ({keys} of max_keys {})",
+                    self.name,
+                    self.table.max_keys
+                );
+            }
+            self.limiter.shrink_to_fit();
         }
     }
-}
-
-fn buckets<C: Clock + Clone>(quota: Quota, clock: &C) -> Buckets<C> {
-    RateLimiter::dashmap_with_clock_and_hasher(quota, clock.clone(), ahash::RandomState::new())
-        .with_middleware::<StateInformationMiddleware>()
 }
 
 fn ceil_seconds(d: Duration) -> u64 {
@@ -208,9 +323,10 @@ mod tests {
             burst,
             max_keys: 1000,
             key: "client_ip".into(),
+            ipv6_prefix: 64,
         };
         (
-            LocalLimiter::with_clock(&settings, clock.clone()).unwrap(),
+            LocalLimiter::with_clock("test", &settings, clock.clone()).unwrap(),
             clock,
         )
     }
@@ -309,22 +425,45 @@ mod tests {
     }
 
     #[test]
-    fn idle_keys_are_swept_and_the_bound_holds() {
+    fn idle_keys_are_swept() {
         let (l, clock) = limiter(10, Duration::from_secs(1), 5);
         for key in 0..500u128 {
             l.check(key);
         }
         assert_eq!(l.len(), 500);
-        // Over max_keys (1000) is emptied; under, kept until refilled.
+        // Kept until refilled.
         l.sweep();
         assert_eq!(l.len(), 500);
         clock.advance(Duration::from_secs(1));
         l.sweep();
         assert_eq!(l.len(), 0, "refilled buckets are dropped");
-        for key in 0..1500u128 {
-            l.check(key);
+    }
+
+    #[test]
+    fn a_key_flood_never_refills_an_active_bucket() {
+        // max_keys 1000; 1/m, burst 3.
+        let (l, clock) = limiter(1, Duration::from_secs(60), 3);
+        let victim = u128::MAX;
+        for _ in 0..3 {
+            assert!(l.check(victim).allowed);
         }
+        assert!(!l.check(victim).allowed);
+        // 1,500 new keys: 999 get a bucket each (the victim has the
+        // 1000th); the other 501 share one, which lets 3 through.
+        let allowed = (0..1500u128).filter(|&k| l.check(k).allowed).count();
+        assert_eq!(allowed, 999 + 3);
+        assert_eq!(l.len(), 1000, "the table never grows past max_keys");
+        for _ in 0..3 {
+            l.sweep();
+            assert!(!l.check(victim).allowed, "the victim got a fresh bucket");
+        }
+        // Keys with a bucket keep it; a new key waits on the shared one.
+        assert_eq!(l.check(0).remaining, 1);
+        assert!(!l.check(5000).allowed);
+        // Refilled buckets go first: room again, a new key has its own.
+        clock.advance(Duration::from_secs(240));
         l.sweep();
-        assert_eq!(l.len(), 0, "over max_keys the limiter starts over");
+        assert_eq!(l.len(), 0);
+        assert_eq!(l.check(5000).remaining, 2);
     }
 }

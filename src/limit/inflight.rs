@@ -10,6 +10,7 @@
 //!   under-count: a client is never let past its limit, and rarely held
 //!   below it.
 
+use super::LimitKey;
 use pingora_limits::inflight::{Guard, Inflight};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -79,8 +80,8 @@ impl PerClient {
 
     /// A place for one more request of `key`, unless its estimate is at
     /// `max` already.
-    pub fn try_acquire(&self, key: u128) -> Option<Guard> {
-        let (guard, count) = self.counts.incr(key, 1);
+    pub fn try_acquire(&self, key: LimitKey<'_>) -> Option<Guard> {
+        let (guard, count) = self.counts.incr(key.local(), 1);
         (usize::try_from(count).unwrap_or(usize::MAX) <= self.max).then_some(guard)
     }
 }
@@ -121,11 +122,12 @@ mod tests {
     #[test]
     fn per_client_counts_each_key() {
         let p = PerClient::new(2, Arc::new(Inflight::new()));
-        let a1 = p.try_acquire(1).unwrap();
-        let _a2 = p.try_acquire(1).unwrap();
-        assert!(p.try_acquire(1).is_none());
-        let _b = p.try_acquire(2).unwrap();
+        let (a, b) = (LimitKey::Header(b"a"), LimitKey::Header(b"b"));
+        let a1 = p.try_acquire(a).unwrap();
+        let _a2 = p.try_acquire(a).unwrap();
+        assert!(p.try_acquire(a).is_none());
+        let _b = p.try_acquire(b).unwrap();
         drop(a1);
-        assert!(p.try_acquire(1).is_some());
+        assert!(p.try_acquire(a).is_some());
     }
 }

@@ -186,16 +186,21 @@ pub fn echo_request_id(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()
 /// The `RateLimit-*` headers of a limited route, on every answer (the
 /// upstream's and the gateway's own); a refusal adds `Retry-After`.
 pub fn set_rate_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    let Some(verdict) = ctx.rate.as_ref().filter(|v| v.headers) else {
+    let Some(verdict) = ctx.rate.as_ref() else {
         return Ok(());
     };
     let d = verdict.decision;
-    resp.insert_header(case_name("RateLimit-Limit"), verdict.limit.clone())?;
-    resp.insert_header(
-        case_name("RateLimit-Remaining"),
-        number(u64::from(d.remaining)),
-    )?;
-    resp.insert_header(case_name("RateLimit-Reset"), number(d.reset))?;
+    if verdict.headers {
+        resp.insert_header(case_name("RateLimit-Limit"), verdict.limit.clone())?;
+        resp.insert_header(
+            case_name("RateLimit-Remaining"),
+            number(u64::from(d.remaining)),
+        )?;
+        resp.insert_header(case_name("RateLimit-Reset"), number(d.reset))?;
+    }
+    // Every refusal says when to come back, also one whose figures are
+    // unknown (a global limit refused by `on_error: deny`): the error body
+    // points the client at this header.
     if !d.allowed {
         resp.insert_header(http::header::RETRY_AFTER, number(d.retry_after))?;
     }

@@ -72,7 +72,8 @@ pub struct RoutePolicy {
 /// A route's `max_inflight_per_client` and what it counts by.
 #[derive(Debug)]
 pub struct PerClientLimit {
-    pub kind: crate::limit::KeyKind,
+    /// The key rule: the rate limit's kind and `ipv6_prefix`.
+    pub kind: crate::limit::KeyRule,
     pub limit: crate::limit::inflight::PerClient,
 }
 
