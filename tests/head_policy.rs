@@ -64,6 +64,15 @@ fn refused(protocol: Protocol, r: &Response) {
     }
 }
 
+/// The access log's lines so far.
+fn access_lines(s: &Setup) -> Vec<Value> {
+    std::fs::read_to_string(&s.log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// What the upstream received: its headers, lower-cased names.
 fn received(r: &Response) -> Vec<(String, String)> {
     r.json()["headers"]
@@ -307,13 +316,7 @@ fn a_preflight_is_held_to_the_routes_address_rules_and_logged_as_its_route() {
     s.m.each(&preflight("/page/x"), |protocol, r| {
         assert_eq!(r.status, 204, "{protocol:?}");
     });
-    let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&s.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let lines = || access_lines(&s);
     s.m.gw.wait_until("six lines", || lines().len() >= 6);
     let all = lines();
     for line in &all {
@@ -391,13 +394,7 @@ fn http2_requests_are_logged_with_their_host() {
             assert_eq!(r.status, 200, "{p:?}");
         },
     );
-    let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&s.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let lines = || access_lines(&s);
     s.m.gw.wait_until("three lines", || lines().len() >= 3);
     for line in lines() {
         assert_eq!(line["host"], "api.example:8443", "{line}");

@@ -9,7 +9,8 @@
 //!   it twice both agree;
 //! - singleton fields (`Host`, `Authorization`) appear once;
 //! - header names with `_` never go on (CGI-style backends read
-//!   `X_Consumer` as `X-Consumer`); a repeated `X-Request-Id` goes on once;
+//!   `X_Consumer` as `X-Consumer`), nor do a client's `X-Real-IP` and
+//!   `Forwarded`; a repeated `X-Request-Id` goes on once;
 //! - `Connection` may not nominate what the gateway itself sets
 //!   (`X-Forwarded-*`, `Host`): such a nomination is ignored; a malformed
 //!   one is refused.
@@ -99,6 +100,13 @@ impl<'a> FieldRules<'a> {
                 self.host = Some(value);
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => self.upgrade = true,
+            // What a client says of its own address, other than in
+            // `X-Forwarded-For` (which the gateway extends): an upstream
+            // would take it for the gateway's word.
+            9 if name.eq_ignore_ascii_case(b"x-real-ip") || name.eq_ignore_ascii_case(b"forwarded") => {
+                self.rewrite = true;
+                return Ok(Field::Drop);
+            }
             10 if name.eq_ignore_ascii_case(b"connection") && nominations(value)? => {
                 self.rewrite = true;
                 return Ok(Field::Rewrite);
@@ -460,6 +468,8 @@ mod tests {
                 ("x-request-id", b"one"),
                 ("x_forwarded_for", b"10.0.0.1"),
                 ("x-request-id", b"two"),
+                ("x-real-ip", b"10.0.0.1"),
+                ("forwarded", b"for=10.0.0.1"),
                 ("accept", b"*/*"),
             ],
         );

@@ -13,8 +13,6 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static FORWARDED: HeaderName = http::header::FORWARDED;
 
 /// Names of the headers tollgate adds, as Pingora's case-preserving header
 /// names. Pingora turns a non-standard `HeaderName` into a freshly allocated
@@ -68,14 +66,6 @@ pub fn set_forwarding_headers(
         case_name("X-Forwarded-Proto"),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     )?;
-    // What the client says of its own address, other than in
-    // `X-Forwarded-For` (extended above), is not passed on: an upstream
-    // reading `X-Real-IP` or `Forwarded` would take it for the gateway's word.
-    for name in [&X_REAL_IP, &FORWARDED] {
-        if upstream_request.headers.contains_key(name) {
-            upstream_request.remove_header(name);
-        }
-    }
     let req = session.req_header();
     match req.headers.get(HOST) {
         Some(host) => {
