@@ -103,7 +103,9 @@ impl<'a> FieldRules<'a> {
             // What a client says of its own address, other than in
             // `X-Forwarded-For` (which the gateway extends): an upstream
             // would take it for the gateway's word.
-            9 if name.eq_ignore_ascii_case(b"x-real-ip") || name.eq_ignore_ascii_case(b"forwarded") => {
+            9 if name.eq_ignore_ascii_case(b"x-real-ip")
+                || name.eq_ignore_ascii_case(b"forwarded") =>
+            {
                 self.rewrite = true;
                 return Ok(Field::Drop);
             }
