@@ -224,3 +224,45 @@ fn a_stalled_sink_holds_at_most_queue_bytes_of_long_lines() {
     println!("{REQUESTS} lines of ~{LINE} bytes, {dropped} dropped");
     assert!(dropped < REQUESTS, "every line was dropped");
 }
+
+#[test]
+fn a_fifo_nobody_reads_is_an_error_not_a_hang() {
+    let dir = scratch_dir("fifo");
+    let fifo = dir.join("access.fifo");
+    let c_path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo on a path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let config = dir.join("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [\"127.0.0.1:1\"]\naccess_log: {{ path: \"{}\" }}\nupstreams:\n  app: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: r, path_prefix: /, upstream: app }}\n",
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(support::binary())
+        .args(["-t", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status = status.expect("tollgate -t hung opening a FIFO with no reader");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("a FIFO with no reader"), "{stderr}");
+}

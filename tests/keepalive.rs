@@ -241,3 +241,20 @@ fn memory_comes_back_after_a_crowd_of_connections_leaves() {
         support::rss_kib(gw.pid()) < halfway
     });
 }
+
+#[test]
+fn an_error_after_which_the_connection_closes_says_so() {
+    // A target that refuses connections: 502 from fail_to_proxy, after
+    // which Pingora does not reuse the client's connection.
+    let dead = support::DeadPort::new();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  app: {{ targets: [\"{}\"], retries: 0 }}\nroutes:\n  - {{ name: all, path_prefix: /, upstream: app }}\n",
+        dead.addr
+    ));
+    let mut conn = Connection::open(gw.addr);
+    conn.send("GET", "h", "/", &[], b"");
+    let resp = conn.read_response();
+    assert!(resp.status >= 500, "{resp:?}");
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    assert!(conn.closed_by_server());
+}

@@ -361,6 +361,23 @@ fn the_redis_password_is_never_shown() {
         !err.contains("s3cret") && !out.contains("s3cret"),
         "{out}{err}"
     );
+    // Nor when the URL is too malformed to be taken apart, or the section
+    // is not even a mapping (the parser quotes the value back).
+    for redis in [
+        "{ url: \"redis:///:s3cret@127.0.0.1:1\" }",
+        "{ url: \"redis:s3cret@127.0.0.1:1\" }",
+        "\"redis://:s3cret@127.0.0.1:1\"",
+    ] {
+        let (code, out, err) = support::check_config(&format!(
+            "listen: [\"127.0.0.1:1\"]\nredis: {redis}\nupstreams:\n  app: {{ targets: [\"127.0.0.1:2\"] }}\nroutes:\n  - {{ name: a, path_prefix: /, upstream: app }}\n"
+        ));
+        assert_ne!(code, 0, "{redis}");
+        assert!(err.contains("redis"), "{err}");
+        assert!(
+            !err.contains("s3cret") && !out.contains("s3cret"),
+            "{redis}: {out}{err}"
+        );
+    }
 }
 
 /// Global limits by tenant header, by consumer, and a consumer's own.

@@ -40,12 +40,46 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let message = without_userinfo(&self.message);
         if self.location.is_empty() {
-            f.write_str(&self.message)
+            f.write_str(&message)
         } else {
-            write!(f, "{}: {}", self.location, self.message)
+            write!(f, "{}: {}", self.location, message)
         }
     }
+}
+
+/// A message with the user info of every URL-like word masked: errors are
+/// shown by `-t`, logged on reload and served by `/config`, and a value a
+/// parser quotes back (a malformed `redis://:password@host`) may hold a
+/// password. Before each `@`, what follows the word's last `/` (or its
+/// first `:`, or its start) becomes `***`.
+fn without_userinfo(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message.contains('@') {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find('@') {
+        let before = &rest[..at];
+        let word = before
+            .rfind(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`')
+            .map_or(0, |i| i + 1);
+        let userinfo = match before[word..].rfind('/') {
+            Some(slash) => word + slash + 1,
+            None => before[word..]
+                .find(':')
+                .map_or(word, |colon| word + colon + 1),
+        };
+        out.push_str(&before[..userinfo]);
+        if userinfo < at {
+            out.push_str("***");
+        }
+        out.push('@');
+        rest = &rest[at + 1..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Every problem found in a config file, in file order.
@@ -304,6 +338,31 @@ fn parse_routes(value: Value, config: &mut FileConfig, errors: &mut Vec<ConfigEr
     for (i, spec) in list.into_iter().enumerate() {
         if let Some(route) = section::<RouteSpec>(&format!("routes[{i}]"), spec, errors) {
             config.routes.push(route);
+        }
+    }
+}
+
+#[cfg(test)]
+mod userinfo_tests {
+    use super::without_userinfo;
+
+    #[test]
+    fn passwords_in_quoted_urls_are_masked() {
+        for (message, shown) in [
+            (
+                "\"redis:///:s3cret@127.0.0.1:1\" is not a Redis URL",
+                "\"redis:///***@127.0.0.1:1\" is not a Redis URL",
+            ),
+            ("\"redis:/:s3cret@h\"", "\"redis:/***@h\""),
+            ("\"redis//:s3cret@h\"", "\"redis//***@h\""),
+            ("\"redis:s3cret@h\"", "\"redis:***@h\""),
+            (
+                "invalid type: string \"redis://:s3cret@h:1\", expected struct",
+                "invalid type: string \"redis://***@h:1\", expected struct",
+            ),
+            ("no at sign here", "no at sign here"),
+        ] {
+            assert_eq!(without_userinfo(message), shown);
         }
     }
 }

@@ -274,13 +274,44 @@ impl AccessLog {
 fn open(destination: &Destination) -> Result<Box<dyn Write + Send>, String> {
     match destination {
         Destination::Stdout => Ok(Box::new(std::io::stdout())),
-        Destination::File(path) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map(|f| Box::new(f) as Box<dyn Write + Send>)
-            .map_err(|e| format!("cannot open {}: {e}", path.display())),
+        Destination::File(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Non-blocking, so that a FIFO nobody reads fails here (ENXIO)
+            // instead of holding `-t`, the start or a reload (and the
+            // admin listener behind it) inside `open`; writes block as
+            // usual once it is open.
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENXIO) => format!(
+                        "cannot open {}: a FIFO with no reader (start its reader first)",
+                        path.display()
+                    ),
+                    _ => format!("cannot open {}: {e}", path.display()),
+                })?;
+            set_blocking(&file).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            Ok(Box::new(file) as Box<dyn Write + Send>)
+        }
     }
+}
+
+/// Clears `O_NONBLOCK` on a file opened with it.
+fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns and keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn writer(shared: &Shared) {

@@ -513,6 +513,10 @@ impl ProxyHttp for Gateway {
                 .response_written()
                 .is_some_and(|r| r.status == 101 || !r.status.is_informational());
         if !final_written {
+            // The connection is not reused after this answer
+            // (`can_reuse_downstream` below): it says so, or a client
+            // would send its next request into a closing connection.
+            session.set_keepalive(None);
             if let Err(write_error) = respond(session, ctx, error.into()).await {
                 log::debug!("could not send error response: {write_error}");
             }
